@@ -1,0 +1,34 @@
+# make demo  - set up a virtualenv, compile and explain the bundled digits example
+# make test  - set up the virtualenv and run the test suite
+# make bench - benchmarks (see benchmarks/)
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+DEMO    = examples/digits
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: it takes the CPU build that lies on the machine
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lrpc check $(DEMO)/digits_cnn.onnx
+	$(VENV)/bin/lrpc compile $(DEMO)/digits_cnn.onnx -o demo_out/digits_cnn.lrp.onnx --composite EpsilonPlusFlat
+	$(VENV)/bin/lrpc explain demo_out/digits_cnn.lrp.onnx $(DEMO)/samples.npy -o demo_out --scale 16
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,114 @@
+"""The model check: every relevance-carrying node against the support registry.
+
+As in RelevancePropagation.jl, an unknown layer or activation stops compilation with a
+summary table instead of silently returning a wrong explanation; ``skip_checks=True``
+overrides (at your own risk), and :func:`lrpc.register_layer` /
+:func:`lrpc.register_activation` teach lrpc new ops.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UnsupportedModelError
+from .graph import Program, static_shape
+from .layers import LayerTable
+from .registry import KNOWN_ACTIVATION_NAMES, Kind
+
+SUPPORTED = "supported"
+
+
+@dataclass
+class CheckRow:
+    index: str  # layer index, "" for activations and unknown nodes
+    name: str
+    op_type: str
+    kind: str
+    status: str  # "supported" or the reason
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUPPORTED
+
+
+@dataclass
+class CheckReport:
+    rows: list[CheckRow]
+    input_name: str
+    start_name: str
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    @property
+    def failures(self) -> list[CheckRow]:
+        return [r for r in self.rows if not r.ok]
+
+    def table(self, only_failures: bool = False) -> Table:
+        table = Table(title=f"LRP model check: relevance from {self.start_name!r} to {self.input_name!r}")
+        for column in ("#", "node", "op", "kind", "status"):
+            table.add_column(column)
+        for r in self.rows:
+            if only_failures and r.ok:
+                continue
+            style = None if r.ok else "bold red"
+            table.add_row(r.index, r.name, r.op_type, r.kind, r.status, style=style)
+        return table
+
+    def render(self, width: int = 120, only_failures: bool = False) -> str:
+        buffer = io.StringIO()
+        Console(file=buffer, width=width, no_color=True, highlight=False).print(self.table(only_failures))
+        return buffer.getvalue().rstrip()
+
+
+def check_layers(program: Program, table: LayerTable) -> CheckReport:
+    rows: list[CheckRow] = []
+    unknown = {id(n) for n in table.unknown}
+    for node in table.nodes:
+        name = node.name or node.op
+        if id(node) in unknown:
+            if node.op in KNOWN_ACTIVATION_NAMES:
+                reason = f"unsupported or unknown activation function {node.op}"
+                kind = "activation"
+            else:
+                reason = "unknown layer type"
+                kind = "?"
+            rows.append(CheckRow("", name, node.op, kind, reason))
+            continue
+        layer = table.by_node[id(node)]
+        problem = layer.spec.check(node, layer.acts) if layer.spec.check else None
+        index = "" if layer.index < 0 else str(layer.index)
+        rows.append(CheckRow(index, name, node.op, layer.kind.value, problem or SUPPORTED))
+    start = program.graph.tensors().get(program.start_name)
+    shape = static_shape(start) if start is not None else None
+    if shape is not None and len(shape) != 2:
+        rows.append(
+            CheckRow("", program.start_name, "(output)", "output",
+                     f"relevance start must be [batch, classes], got rank {len(shape)}")
+        )
+    if not table.nodes:
+        rows.append(CheckRow("", program.input_name, "(input)", "input",
+                             f"the output {program.start_name!r} does not depend on this input"))
+    return CheckReport(rows, program.input_name, program.start_name)
+
+
+def raise_if_unsupported(report: CheckReport, verbose: bool = True) -> None:
+    if report.ok:
+        return
+    n = len(report.failures)
+    summary = (
+        f"LRP model check failed: {n} node{'s' if n != 1 else ''} lrpc cannot propagate relevance through. "
+        "LRP assumes a deep rectifier network; register new ops with lrpc.register_layer / "
+        "lrpc.register_activation, or pass skip_checks=True at your own risk."
+    )
+    message = f"{report.render(only_failures=True)}\n{summary}" if verbose else summary
+    raise UnsupportedModelError(message, report)
+
+
+def activation_only(kind: Kind) -> bool:
+    return kind is Kind.ACTIVATION

@@ -1,0 +1,213 @@
+"""``lrpc compile | check | inspect | explain``.
+
+Bad input gets one clear line on stderr (the model-check table for unsupported ops) and
+exit code 2; nothing is left half-written. Set ``LRPC_DEBUG=1`` for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+
+
+def _composite_from_args(args):
+    from .composites import EpsilonPlusFlat
+    from .expressions import load_rules_file, parse_composite
+
+    if getattr(args, "rules", None) and getattr(args, "composite", None):
+        from .errors import CompositeSyntaxError
+
+        raise CompositeSyntaxError("give --composite or --rules, not both")
+    if getattr(args, "rules", None):
+        return load_rules_file(args.rules)
+    if getattr(args, "composite", None):
+        return parse_composite(args.composite)
+    return EpsilonPlusFlat()
+
+
+def _add_model_options(p: argparse.ArgumentParser, composite: bool = True) -> None:
+    p.add_argument("model", help="ONNX model file")
+    if composite:
+        p.add_argument(
+            "--composite", "-c",
+            help='preset or expression, e.g. EpsilonPlusFlat, "EpsilonGammaBox(low=-3.0, high=3.0)", '
+                 '"Composite(GlobalMap(EpsilonRule(epsilon=1e-9)))" (default: EpsilonPlusFlat)',
+        )
+        p.add_argument("--rules", help="TOML rules file (see README)")
+    p.add_argument("--input", dest="input_name", help="input to explain (default: the first)")
+    p.add_argument("--output", dest="output_name", help="output whose class is explained (default: the first)")
+    p.add_argument("--skip-checks", action="store_true", help="compile even if the model check fails")
+
+
+def cmd_compile(args) -> int:
+    from .compiler import compile_file
+
+    out = Path(args.output_file) if args.output_file else Path(args.model).with_suffix(".lrp.onnx")
+    compile_file(
+        args.model, out, _composite_from_args(args),
+        input_name=args.input_name, output_name=args.output_name,
+        normalize_output_relevance=not args.no_normalize_output_relevance,
+        skip_checks=args.skip_checks,
+    )
+    if not args.quiet:
+        print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB): outputs = model outputs + 'relevance'")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from rich.console import Console
+
+    from .compiler import analyze_model
+
+    analysis = analyze_model(args.model, input_name=args.input_name, output_name=args.output_name,
+                             skip_checks=True)
+    report = analysis.report
+    Console(highlight=False).print(report.table())
+    if report.ok:
+        print(f"model check passed: {len(analysis.table.layers)} layers")
+        return 0
+    print(f"lrpc: error: model check failed: {len(report.failures)} unsupported node(s)", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_inspect(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .compiler import analyze_model
+    from .layers import hierarchy
+
+    analysis = analyze_model(args.model, _composite_from_args(args), input_name=args.input_name,
+                             output_name=args.output_name, skip_checks=args.skip_checks)
+    table = Table(title=f"rules: {analysis.composite!r}")
+    for column in ("#", "node", "module path", "op", "rule"):
+        table.add_column(column)
+    for layer, rule in analysis.layer_rules():
+        path = "/".join(hierarchy(layer.name)[:-1])
+        table.add_row(str(layer.index), layer.name, path, layer.op_type, repr(rule))
+    Console(highlight=False).print(table)
+    return 0
+
+
+def _read_inputs(paths: list[str]) -> np.ndarray:
+    from .errors import InputError
+
+    arrays = []
+    for p in paths:
+        path = Path(p)
+        if path.suffix.lower() != ".npy":
+            raise InputError(f"{p}: only .npy inputs are supported")
+        if not path.exists():
+            raise InputError(f"{p}: no such file")
+        try:
+            arrays.append(np.load(path, allow_pickle=False))
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{p}: not a readable .npy array ({exc})") from None
+    shapes = {a.shape[1:] if a.ndim > 1 else a.shape for a in arrays}
+    try:
+        return np.concatenate(arrays, axis=0)
+    except ValueError:
+        raise InputError(f"inputs have different sample shapes: {sorted(shapes)}") from None
+
+
+def cmd_explain(args) -> int:
+    from .graph import atomic_path
+    from .heatmap import heatmap, save_png
+    from .runtime import LRP
+
+    x = _read_inputs(args.inputs)
+    analyzer = LRP(args.model, _composite_from_args(args), input_name=args.input_name,
+                   output_name=args.output_name, skip_checks=args.skip_checks,
+                   normalize_output_relevance=not args.no_normalize_output_relevance)
+    expl = analyzer.analyze(x, args.target)
+    outdir = Path(args.output_dir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    images = heatmap(expl) if expl.val.ndim in (3, 4) else []
+    summary = []
+    for i in range(len(x)):
+        entry = {
+            "index": i,
+            "prediction": int(np.argmax(expl.output[i])),
+            "target": int(expl.output_selection[i]),
+            "relevance_sum": float(expl.val[i].sum()),
+        }
+        if images:
+            png = outdir / f"heatmap_{i:03d}.png"
+            save_png(images[i], png, scale=args.scale)
+            entry["heatmap"] = png.name
+        summary.append(entry)
+    with atomic_path(outdir / "relevance.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, relevance=expl.val, output=expl.output, target=expl.output_selection)
+    with atomic_path(outdir / "summary.json") as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2))
+    for entry in summary:
+        print(f"sample {entry['index']}: predicted {entry['prediction']}, explained {entry['target']}, "
+              f"sum(relevance) = {entry['relevance_sum']:.4f}" + (f" -> {outdir / entry['heatmap']}" if images else ""))
+    print(f"wrote {len(images)} heatmap(s), relevance.npz and summary.json to {outdir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="lrpc", description="LRP attribution compiler for ONNX models")
+    parser.add_argument("--version", action="version", version=f"lrpc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="write MODEL.lrp.onnx: the model's outputs plus 'relevance'")
+    _add_model_options(p)
+    p.add_argument("-o", dest="output_file", help="output file (default: MODEL.lrp.onnx)")
+    p.add_argument("--no-normalize-output-relevance", action="store_true",
+                   help="start from the explained logit instead of 1")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(run=cmd_compile)
+
+    p = sub.add_parser("check", help="the model check table; exit 2 when something is unsupported")
+    _add_model_options(p, composite=False)
+    p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("inspect", help="layer indices and the rule each layer gets")
+    _add_model_options(p)
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("explain", help="explain .npy inputs: heatmap PNGs, relevance.npz, summary.json")
+    _add_model_options(p)
+    p.add_argument("inputs", nargs="+", help=".npy files, each one sample batch [N, ...]")
+    p.add_argument("-o", dest="output_dir", required=True, help="output folder")
+    p.add_argument("--target", type=int, help="class to explain (default: the prediction)")
+    p.add_argument("--scale", type=int, default=1, help="upscale heatmaps by this factor")
+    p.add_argument("--no-normalize-output-relevance", action="store_true")
+    p.set_defaults(run=cmd_explain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import LrpcError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except LrpcError as exc:
+        print(f"lrpc: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: still one line, unless debugging
+        if os.environ.get("LRPC_DEBUG"):
+            raise
+        print(f"lrpc: internal error: {type(exc).__name__}: {exc} (set LRPC_DEBUG=1 for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

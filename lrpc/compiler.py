@@ -1,0 +1,147 @@
+"""The pipeline: load -> canonize -> check -> assign rules -> emit -> one ONNX file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import __version__
+from .check import CheckReport, check_layers, raise_if_unsupported
+from .composites import Composite, EpsilonPlusFlat
+from .emit import TARGET_NAME, emit_relevance
+from .errors import LrpcError
+from .graph import Program, load_model, save_model
+from .layers import LayerTable, find_layers
+from .passes import canonize
+from .registry import Layer
+from .rules import Rule
+
+
+@dataclass
+class Analysis:
+    """A canonized model with its layers, check report and rules (no emission yet)."""
+
+    program: Program
+    table: LayerTable
+    report: CheckReport
+    rules: list[Rule]
+    composite: Composite
+
+    def layer_rules(self) -> list[tuple[Layer, Rule]]:
+        return list(zip(self.table.layers, self.rules))
+
+
+def _as_composite(composite) -> Composite:
+    if composite is None:
+        return EpsilonPlusFlat()
+    if isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, Rule):
+        from .composites import GlobalMap
+
+        return Composite(GlobalMap(composite))
+    if isinstance(composite, (list, tuple)) and all(isinstance(r, Rule) for r in composite):
+        return _rule_list(list(composite))
+    if isinstance(composite, str):
+        from .expressions import parse_composite
+
+        return parse_composite(composite)
+    raise LrpcError(f"composite must be a Composite, a rule, a list of rules or an expression, got {composite!r}")
+
+
+def _rule_list(rules: list[Rule]) -> Composite:
+    """A list with one rule per layer, like ``LRP(model, rules)``."""
+    from .composites import LayerMap
+
+    composite = Composite(*[LayerMap(i, r) for i, r in enumerate(rules)])
+    composite.expected_layers = len(rules)
+    return composite
+
+
+def analyze_model(
+    model,
+    composite=None,
+    *,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    skip_checks: bool = False,
+    verbose: bool = True,
+) -> Analysis:
+    """Everything up to emission: canonize, check, assign rules."""
+    composite = _as_composite(composite)
+    program = Program.from_model(load_model(model))
+    program = canonize(program, input_name=input_name, output_name=output_name)
+    table = find_layers(program)
+    report = check_layers(program, table)
+    if not skip_checks:
+        raise_if_unsupported(report, verbose=verbose)
+    expected = getattr(composite, "expected_layers", None)
+    if expected is not None and expected != len(table.layers):
+        raise LrpcError(f"got {expected} rules for a model with {len(table.layers)} layers")
+    rules = composite.assign(table.layers)
+    return Analysis(program, table, report, rules, composite)
+
+
+def compile(
+    model,
+    composite=None,
+    *,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    normalize_output_relevance: bool = True,
+    skip_checks: bool = False,
+    verbose: bool = True,
+) -> onnx.ModelProto:
+    """Compile ``model`` (path or ModelProto) into an ONNX model that also returns ``relevance``.
+
+    ``composite``: a :class:`Composite`, a preset such as ``EpsilonPlusFlat()``, one rule
+    for every layer, a list with one rule per layer, or a composite expression string.
+    """
+    analysis = analyze_model(
+        model, composite, input_name=input_name, output_name=output_name,
+        skip_checks=skip_checks, verbose=verbose,
+    )
+    return emit_model(analysis, normalize_output_relevance)
+
+
+def emit_model(analysis: Analysis, normalize_output_relevance: bool = True) -> onnx.ModelProto:
+    program = analysis.program
+    graph = program.graph
+    target, relevance = emit_relevance(program, analysis.table, analysis.rules, normalize_output_relevance)
+    graph.inputs.append(target)
+    graph.outputs.append(relevance)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = program.to_model()
+    # lrp_target defaults to [-1] ("explain the arg-max") so callers may omit it.
+    out.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_NAME))
+    meta = {
+        "lrpc.version": __version__,
+        "lrpc.composite": repr(analysis.composite),
+        "lrpc.input": program.input_name,
+        "lrpc.relevance_start": program.start_name,
+        "lrpc.normalize_output_relevance": str(bool(normalize_output_relevance)).lower(),
+        "lrpc.rules": "; ".join(f"{layer.index}:{layer.name}={rule!r}" for layer, rule in analysis.layer_rules()),
+    }
+    for key, value in meta.items():
+        entry = out.metadata_props.add()
+        entry.key, entry.value = key, value
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except onnx.checker.ValidationError as exc:  # a bug in lrpc, not in the user's model
+        raise LrpcError(f"internal error: the compiled model fails the ONNX checker: {str(exc).splitlines()[0]}")
+    return out
+
+
+def compile_file(src, dst, composite=None, **kwargs) -> Path:
+    """Compile ``src`` and write the result atomically to ``dst``."""
+    model = compile(src, composite, **kwargs)
+    return save_model(model, dst)
+
+
+def lrp_rules(model, composite=None, **kwargs) -> list[tuple[Layer, Rule]]:
+    """The rule each layer gets under ``composite``, without compiling."""
+    return analyze_model(model, composite, **kwargs).layer_rules()

@@ -1,0 +1,170 @@
+"""The one graph IR used everywhere: an onnx-graphsurgeon ``gs.Graph`` plus networkx views.
+
+:class:`Program` carries the graph through the pipeline together with the few facts the
+passes establish about it: which input is explained, where relevance starts (the logits,
+before a stripped softmax) and the file's IR version and opset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from .errors import ModelLoadError
+
+# The compiled file keeps the input's IR version (raised only when its opset needs it)
+# and never goes above what current runtimes accept: onnxruntime 1.31 refuses IR 14,
+# which onnx 1.23 writes by default.
+MAX_IR_VERSION = 13
+
+
+def load_model(source) -> onnx.ModelProto:
+    """Read and validate an ONNX model from a path or a ``ModelProto``."""
+    if isinstance(source, onnx.ModelProto):
+        model = source
+        label = "model"
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.exists():
+            raise ModelLoadError(f"{label}: no such file")
+        if path.is_dir():
+            raise ModelLoadError(f"{label}: is a directory, not an ONNX file")
+        try:
+            model = onnx.load(str(path))
+        except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"{label}: not a readable ONNX model ({_first_line(exc)})") from None
+    if not model.graph.node:
+        raise ModelLoadError(f"{label}: not an ONNX model (no graph nodes; empty, truncated or another format)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelLoadError(f"{label}: invalid ONNX model ({_first_line(exc)})") from None
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path beside ``path``; on success it is renamed over ``path``.
+
+    A failure (or an interrupt) leaves no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: onnx.ModelProto, path) -> Path:
+    """Write a model atomically."""
+    with atomic_path(path) as tmp:
+        onnx.save(model, tmp)
+    return Path(path)
+
+
+@dataclass
+class Program:
+    """A graph on its way through the compiler."""
+
+    graph: gs.Graph
+    ir_version: int
+    opset: int
+    input_name: str = ""
+    start_name: str = ""  # tensor where relevance starts (logits)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> "Program":
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        graph = gs.import_onnx(model)
+        return cls(graph=graph, ir_version=model.ir_version, opset=opset)
+
+    def to_model(self) -> onnx.ModelProto:
+        self.graph.opset = self.opset
+        model = gs.export_onnx(self.graph, do_type_check=False)
+        model.ir_version = min(max(self.ir_version, _min_ir_for(model)), MAX_IR_VERSION)
+        return model
+
+    # -- queries -----------------------------------------------------------------------
+    def tensors(self) -> dict[str, gs.Tensor]:
+        return self.graph.tensors()
+
+    def runtime_inputs(self) -> list[gs.Variable]:
+        """Graph inputs that are real inputs (old files also list their weights as inputs)."""
+        return [t for t in self.graph.inputs if not isinstance(t, gs.Constant)]
+
+
+def _min_ir_for(model: onnx.ModelProto) -> int:
+    try:
+        return onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    except Exception:  # an unknown domain: keep what the model says
+        return model.ir_version
+
+
+def node_graph(graph: gs.Graph) -> nx.DiGraph:
+    """Tensor-level dataflow as a networkx graph: nodes are tensor names and ``gs.Node`` ids.
+
+    Edges run tensor -> node (consumer) and node -> tensor (producer). Reachability over
+    this graph answers "does this tensor depend on the input" and "does it reach the
+    output" in one networkx call each.
+    """
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        nid = ("node", id(node))
+        g.add_node(nid, node=node)
+        for t in node.inputs:
+            if t.name:
+                g.add_edge(("tensor", t.name), nid)
+        for t in node.outputs:
+            if t.name:
+                g.add_edge(nid, ("tensor", t.name))
+    return g
+
+
+def relevant_nodes(graph: gs.Graph, input_name: str, start_name: str) -> list[gs.Node]:
+    """Nodes on some path from the explained input to the relevance start, in topological order."""
+    g = node_graph(graph)
+    src, dst = ("tensor", input_name), ("tensor", start_name)
+    if src not in g or dst not in g:
+        return []
+    down = nx.descendants(g, src)
+    up = nx.ancestors(g, dst)
+    keep = {k for k in down & up if k[0] == "node"}
+    return [n for n in graph.nodes if ("node", id(n)) in keep]
+
+
+def static_shape(tensor) -> tuple | None:
+    """The tensor's shape with ints where known and None for dynamic dims; None if unknown."""
+    if isinstance(tensor, gs.Constant):
+        return tuple(tensor.values.shape)
+    shape = getattr(tensor, "shape", None)
+    if shape is None:
+        return None
+    return tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape)
+
+
+def constant_value(tensor) -> np.ndarray | None:
+    """The numpy value of an initializer / folded constant, else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None

@@ -1,0 +1,44 @@
+"""Canonizing passes: each a small function ``Program -> Program`` with its own test.
+
+:func:`canonize` runs them in the order that lets each one rely on the previous:
+opset upgrade, shape inference, constant folding, Identity/Dropout removal, constant
+arithmetic in affine form, BatchNorm fusion, shape inference again (the emitter reads
+static shapes), then choosing the explained input and the relevance start (the logits
+before a final Softmax/LogSoftmax).
+"""
+
+from __future__ import annotations
+
+from ..graph import Program
+from .affine import constant_arithmetic_to_affine
+from .batchnorm import fuse_batchnorm
+from .constants import fold_constants
+from .identity import remove_identity
+from .io import select_input, strip_softmax
+from .opset import upgrade_opset
+from .shapes import infer_shapes
+
+__all__ = [
+    "canonize",
+    "constant_arithmetic_to_affine",
+    "fold_constants",
+    "fuse_batchnorm",
+    "infer_shapes",
+    "remove_identity",
+    "select_input",
+    "strip_softmax",
+    "upgrade_opset",
+]
+
+
+def canonize(program: Program, input_name: str | None = None, output_name: str | None = None) -> Program:
+    program = upgrade_opset(program)
+    program = infer_shapes(program)
+    program = fold_constants(program)
+    program = remove_identity(program)
+    program = constant_arithmetic_to_affine(program)
+    program = fuse_batchnorm(program)
+    program = infer_shapes(program)
+    program = select_input(program, input_name)
+    program = strip_softmax(program, output_name)
+    return program

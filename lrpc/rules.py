@@ -1,0 +1,429 @@
+"""LRP rules as data over one generic formula.
+
+For a layer ``f`` with input activations ``a``, parameters ``θ`` and output relevance
+``R``, every rule here is an instance of
+
+    z_g    = Σ_{t∈g} sign_t · f_{θ_t}(m_t(a))                 (one sum per group g)
+    s_g    = gate_g(z) · R / modify_denominator(z_g)
+    R_in   = Σ_g coeff_g · Σ_{t∈g} sign_t · m_t(a) ⊙ vjp_{f_{θ_t}}(s_g)
+
+A *term* ``t`` is an input modifier ``m_t`` plus a parameter modifier ``θ_t``; a *group*
+shares one denominator. Epsilon is one group of one term, ZPlus one group of two terms
+(positive and negative inputs), AlphaBeta two groups (α and −β), ZBox one group of three
+terms with signs (+, −, −). This is Zennit's ``BasicHook`` structure (input modifiers,
+parameter modifiers, gradient mapper, reducer) written as data, so the emitter has no
+per-rule code and a new rule is a new subclass with different hooks.
+
+The hooks (``modify_input``, ``modify_parameters``, ``modify_weight``, ``modify_bias``,
+``modify_layer``, ``modify_denominator``, ``is_compatible``) are those of
+RelevancePropagation.jl; they receive :class:`lrpc.symbolic.Sym` tensors, so a rule
+written in ordinary arithmetic becomes ONNX nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .registry import Kind, Layer
+from .symbolic import Emitter, Sym, add_all, stabilize
+
+
+@dataclass
+class Term:
+    """One modified forward ``f_{θ_t}(m_t(a))`` of the generic formula."""
+
+    input: Callable[[Sym], Sym]
+    params: Callable[[dict], dict]
+    sign: float = 1.0
+
+
+@dataclass
+class Group:
+    """Terms that share one stabilized denominator."""
+
+    terms: list[Term]
+    coefficient: float = 1.0
+    gate: str | None = None  # "gt" / "lt": only outputs whose plain z is > 0 / < 0
+
+
+def _same(x):
+    return x
+
+
+class Rule:
+    """Base class: one group with one term built from the modify_* hooks (LRP-0 family).
+
+    Subclass and override hooks to write a new rule; override :meth:`groups` for rules
+    with several terms. ``epsilon`` is the stabilizer of the denominator.
+    """
+
+    epsilon: float = 1e-9
+    #: the rule changes parameters, so the layer must have a weight
+    needs_weight: bool = False
+
+    # -- hooks (RelevancePropagation.jl names) ---------------------------------------
+    def modify_input(self, a: Sym) -> Sym:
+        return a
+
+    def modify_parameters(self, param: Sym) -> Sym:
+        return param
+
+    def modify_weight(self, weight: Sym) -> Sym:
+        return self.modify_parameters(weight)
+
+    def modify_bias(self, bias: Sym) -> Sym:
+        return self.modify_parameters(bias)
+
+    def modify_layer(self, params: dict) -> dict:
+        return {
+            role: self.modify_weight(p) if role == "weight" else self.modify_bias(p)
+            for role, p in params.items()
+        }
+
+    def modify_denominator(self, z: Sym) -> Sym:
+        return stabilize(z, self.epsilon)
+
+    def is_compatible(self, layer: Layer) -> bool:
+        if layer.spec.kind is Kind.ACTIVATION:
+            return False
+        if self.needs_weight and not layer.has_weight:
+            return False
+        if not layer.spec.linear:
+            # The generic formula needs f(m(a)) to be linear in m(a); for selecting ops
+            # (MaxPool) only rules that keep the input as it is make sense.
+            return not self.modifies_input
+        return True
+
+    def incompatibility(self, layer: Layer) -> str:
+        if self.needs_weight and not layer.has_weight:
+            return "it modifies weights and the layer has none"
+        if not layer.spec.linear:
+            return f"{layer.op_type} is not linear, only rules that keep the input unmodified apply"
+        return "the rule does not support this layer"
+
+    @property
+    def modifies_input(self) -> bool:
+        """True when some term feeds the layer something other than its own input."""
+        for group in self.groups():
+            for term in group.terms:
+                fn = getattr(term.input, "__func__", term.input)
+                if fn is not _same and fn is not Rule.modify_input:
+                    return True
+        return False
+
+    # -- structure -------------------------------------------------------------------
+    def groups(self) -> list[Group]:
+        return [Group([Term(self.modify_input, self.modify_layer)])]
+
+    def propagate(self, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
+        """Relevance for each relevance-carrying input of ``layer`` (the generic formula)."""
+        return propagate_generic(self, em, layer, R)
+
+    # -- display ---------------------------------------------------------------------
+    def _args(self) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._args().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and repr(self) == repr(other)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+
+def propagate_generic(rule: Rule, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
+    spec = layer.spec
+    acts = [em.sym(layer.act(k), nonneg=_known_nonneg(layer.act(k))) for k in range(len(layer.acts))]
+    params = {role: em.sym(t) for role, t in layer.param_values.items()}
+    plain_z: Sym | None = None
+
+    def plain_output() -> Sym:
+        nonlocal plain_z
+        if plain_z is None:
+            plain_z = em.sym(layer.output)
+        return plain_z
+
+    totals: list[list[Sym]] = [[] for _ in acts]
+    for group in rule.groups():
+        modified = []
+        for term in group.terms:
+            inputs = [term.input(a) for a in acts]
+            theta = term.params(dict(params))
+            modified.append((term, inputs, theta))
+        zs = []
+        for term, inputs, theta in modified:
+            if all(x.is_zero for x in inputs) and all(theta.get(r) is None or theta[r].is_zero for r in ("bias",)):
+                zs.append(None)  # a linear map of zeros without bias is zero
+                continue
+            if all(x is a for x, a in zip(inputs, acts)) and all(theta[r] is params[r] for r in params):
+                z = plain_output()  # the rule's forward is the node's own forward: reuse it
+            else:
+                z = spec.run_forward(em, layer, inputs, theta)
+            zs.append(z * term.sign if term.sign != 1.0 else z)
+        live = [z for z in zs if z is not None]
+        if not live:
+            continue
+        s = R / rule.modify_denominator(add_all(live))
+        if group.gate is not None:
+            s = s * plain_output().mask(group.gate)
+        for (term, inputs, theta), z in zip(modified, zs):
+            if z is None:
+                continue
+            grads = spec.vjp(em, layer, inputs, theta, s)
+            for k, (x, g) in enumerate(zip(inputs, grads)):
+                contribution = x * g
+                scale = group.coefficient * term.sign
+                if scale != 1.0:
+                    contribution = contribution * scale
+                totals[k].append(contribution)
+    return [add_all(t) if t else acts[k].zeros_like() for k, t in enumerate(totals)]
+
+
+def _known_nonneg(tensor) -> bool:
+    """True when the producer guarantees ``tensor >= 0`` (Relu, pooling of Relu, ...)."""
+    seen = 0
+    while tensor is not None and seen < 16:
+        producers = getattr(tensor, "inputs", [])
+        if not producers:
+            return False
+        node = producers[0]
+        if node.op == "Relu":
+            return True
+        if node.op in ("MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Identity",
+                       "Dropout", "Squeeze", "Unsqueeze", "Transpose", "GlobalMaxPool"):
+            tensor = node.inputs[0]
+            seen += 1
+            continue
+        if node.op == "Clip" and len(node.inputs) > 1 and node.inputs[1].name:
+            low = getattr(node.inputs[1], "values", None)
+            return low is not None and float(np.min(low)) >= 0
+        return False
+    return False
+
+
+# -- parameter-modifier helpers ------------------------------------------------------
+
+
+def _positive(x: Sym) -> Sym:
+    return x.clamp(min=0)
+
+
+def _negative(x: Sym) -> Sym:
+    return x.clamp(max=0)
+
+
+def _map_params(weight_fn, bias_fn=None):
+    """A parameter modifier applying ``weight_fn`` to the weight and ``bias_fn`` (default:
+    the same) to the bias; ``bias_fn="zero"`` drops the bias (Zennit's ``zero_bias``)."""
+
+    def modify(params: dict) -> dict:
+        out = {}
+        for role, p in params.items():
+            if role == "weight":
+                out[role] = weight_fn(p)
+            elif bias_fn == "zero":
+                out[role] = p.zeros_like()
+            else:
+                out[role] = (bias_fn or weight_fn)(p)
+        return out
+
+    return modify
+
+
+# -- the rules -----------------------------------------------------------------------
+
+
+class ZeroRule(Rule):
+    """LRP-0: ``R_j = Σ_i a_j w_ij / z_i · R_i`` (stabilized with 1e-9 only)."""
+
+    def __init__(self):
+        self.epsilon = 1e-9
+
+
+class EpsilonRule(Rule):
+    """LRP-ε: the denominator is ``z + ε·sign(z)``."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def _args(self):
+        return {"epsilon": self.epsilon}
+
+
+class GammaRule(Rule):
+    """LRP-γ: parameters ``W + γW⁺`` and ``b + γb⁺`` on the unmodified input."""
+
+    needs_weight = True
+
+    def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6):
+        self.gamma = float(gamma)
+        self.epsilon = float(epsilon)
+
+    def modify_parameters(self, param: Sym) -> Sym:
+        return param + param.clamp(min=0) * self.gamma
+
+    def _args(self):
+        return {"gamma": self.gamma}
+
+
+class WSquareRule(Rule):
+    """LRP-w²: input replaced by ones, every parameter (bias too) squared."""
+
+    needs_weight = True
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def modify_input(self, a: Sym) -> Sym:
+        return a.ones_like()
+
+    def modify_parameters(self, param: Sym) -> Sym:
+        return param**2
+
+
+class FlatRule(Rule):
+    """LRP-flat: input and weights replaced by ones, bias dropped."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def modify_input(self, a: Sym) -> Sym:
+        return a.ones_like()
+
+    def modify_weight(self, weight: Sym) -> Sym:
+        return weight.ones_like()
+
+    def modify_bias(self, bias: Sym) -> Sym:
+        return bias.zeros_like()
+
+
+class PassRule(Rule):
+    """Relevance passes through unchanged (identity, or the inverse reshape/permutation)."""
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.spec.route is not None and len(layer.acts) == 1
+
+    def incompatibility(self, layer: Layer) -> str:
+        return "PassRule only applies to single-input elementwise, reshaping and normalization layers"
+
+    def propagate(self, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
+        return layer.spec.route(em, layer, R)
+
+
+class ZPlusRule(Rule):
+    """LRP-z⁺ (Zennit's ``ZPlus``): ``a⁺`` with ``(W⁺, b⁺)`` plus ``a⁻`` with ``(W⁻, 0)``."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def groups(self) -> list[Group]:
+        return [Group([Term(_positive, _map_params(_positive)), Term(_negative, _map_params(_negative, "zero"))])]
+
+
+class AlphaBetaRule(Rule):
+    """LRP-αβ (Zennit's ``AlphaBeta``): ``α·R⁺ − β·R⁻`` with separate denominators; α − β = 1."""
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6):
+        alpha, beta = float(alpha), float(beta)
+        if alpha < 0 or beta < 0:
+            raise ValueError("AlphaBetaRule: alpha and beta must be non-negative")
+        if not np.isclose(alpha - beta, 1.0):
+            raise ValueError(f"AlphaBetaRule: alpha - beta must equal 1 (got alpha={alpha}, beta={beta})")
+        self.alpha, self.beta, self.epsilon = alpha, beta, float(epsilon)
+
+    def groups(self) -> list[Group]:
+        positive = Group(
+            [Term(_positive, _map_params(_positive)), Term(_negative, _map_params(_negative, "zero"))],
+            coefficient=self.alpha,
+        )
+        negative = Group(
+            [Term(_positive, _map_params(_negative)), Term(_negative, _map_params(_positive, "zero"))],
+            coefficient=-self.beta,
+        )
+        return [positive, negative] if self.beta else [positive]
+
+    def _args(self):
+        return {"alpha": self.alpha, "beta": self.beta}
+
+
+class GeneralizedGammaRule(Rule):
+    """Generalized LRP-γ (Zennit's ``Gamma``): positive and negative inputs and outputs
+    handled separately, ``W + γW⁺`` / ``W + γW⁻``; for LeakyReLU networks."""
+
+    needs_weight = True
+
+    def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6):
+        self.gamma = float(gamma)
+        self.epsilon = float(epsilon)
+
+    def groups(self) -> list[Group]:
+        g = self.gamma
+
+        def plus(p):
+            return p + p.clamp(min=0) * g
+
+        def minus(p):
+            return p + p.clamp(max=0) * g
+
+        return [
+            Group([Term(_positive, _map_params(plus)), Term(_negative, _map_params(minus, "zero"))], gate="gt"),
+            Group([Term(_positive, _map_params(minus)), Term(_negative, _map_params(plus, "zero"))], gate="lt"),
+        ]
+
+    def _args(self):
+        return {"gamma": self.gamma}
+
+
+class ZBoxRule(Rule):
+    """LRP-z^B for bounded inputs: ``low``/``high`` are scalars or arrays broadcast to the
+    input (e.g. per-channel bounds shaped ``[1, C, 1, 1]``)."""
+
+    needs_weight = True
+
+    def __init__(self, low=0.0, high=1.0, epsilon: float = 1e-6):
+        self.low = np.asarray(low, dtype=np.float32)
+        self.high = np.asarray(high, dtype=np.float32)
+        self.epsilon = float(epsilon)
+
+    def groups(self) -> list[Group]:
+        def bound(value):
+            def modify(a: Sym) -> Sym:
+                # broadcast the bound to the input's shape: a * 0 + bound would be cheaper
+                # to write but propagates NaN/inf; Expand is exact.
+                em = a.em
+                full = em.op("Expand", [em.const(value), em.shape_of(a.value)], dtype=em.dtype)
+                return em.sym(full, nonneg=bool(np.all(value >= 0)))
+
+            return modify
+
+        return [
+            Group(
+                [
+                    Term(_same, _same),
+                    Term(bound(self.low), _map_params(_positive), sign=-1.0),
+                    Term(bound(self.high), _map_params(_negative), sign=-1.0),
+                ]
+            )
+        ]
+
+    def _args(self):
+        def show(v):
+            return float(v) if v.ndim == 0 else v.tolist()
+
+        return {"low": show(self.low), "high": show(self.high)}
+
+
+#: every built-in rule, by name (the composite expression parser and TOML use this)
+RULES = {
+    cls.__name__: cls
+    for cls in (
+        ZeroRule, EpsilonRule, GammaRule, GeneralizedGammaRule, ZPlusRule, AlphaBetaRule,
+        ZBoxRule, WSquareRule, FlatRule, PassRule,
+    )
+}

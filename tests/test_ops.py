@@ -1,0 +1,397 @@
+"""Every op's relevance backward against an autograd reference (LRP-ε, "gradient × input").
+
+Each case is a small ONNX graph built by hand (so attributes such as asymmetric pads,
+auto_pad, transA or count_include_pad are exercised exactly) and the same computation
+in torch. The reference applies LRP-ε step by step with torch's autograd as the VJP.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+import lrpc
+from support.autograd_ref import epsilon_lrp, one_hot
+
+EPS = 1e-6
+RNG = np.random.default_rng(7)
+
+
+def rand(*shape, positive=False):
+    a = RNG.standard_normal(shape).astype(np.float32)
+    return np.abs(a) + 0.1 if positive else a
+
+
+def t(a):
+    return torch.as_tensor(np.asarray(a, dtype=np.float64))
+
+
+def build(nodes, inits, x_shape, out="logits", opset=17, dynamic_batch=True):
+    x_dims = ["N", *x_shape[1:]] if dynamic_batch else list(x_shape)
+    graph = helper.make_graph(
+        nodes,
+        "case",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["rows", "classes"])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def flatten(src="y"):
+    return helper.make_node("Flatten", [src], ["logits"], axis=1)
+
+
+def run_compiled(model, x, composite=None, target=None):
+    compiled = lrpc.compile(model, composite or lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(EPS))))
+    sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"x": x}
+    if target is not None:
+        feeds["lrp_target"] = np.asarray(target, dtype=np.int64)
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    return out["logits"], out["relevance"]
+
+
+def chain_reference(steps, x, target):
+    """``steps``: list of (forward fn, rule) with rule "eps" or "pass"; LRP backward by autograd."""
+    acts = [t(x)]
+    for fn, _ in steps:
+        acts.append(fn(acts[-1]))
+    logits = acts[-1].detach().numpy()
+    R = one_hot(target, logits.shape[1])
+    for (fn, rule), a in zip(reversed(steps), reversed(acts[:-1])):
+        R = R.reshape(fn(a).shape)
+        R = R if rule == "pass" else epsilon_lrp(fn, [a.detach().numpy()], R, EPS)[0]
+    return logits, R
+
+
+def flat(z):
+    return z.reshape(z.shape[0], -1)
+
+
+def check_chain(model, x, steps, composite=None):
+    acts = t(x)
+    for fn, _ in steps:
+        acts = fn(acts)
+    rows, classes = acts.shape
+    target = np.arange(rows) % classes
+    logits_ref, R_ref = chain_reference(steps, x, target)
+    logits, R = run_compiled(model, x, composite, target)
+    np.testing.assert_allclose(logits, logits_ref, rtol=1e-4, atol=1e-4)
+    assert R.shape == x.shape and R.dtype == np.float32
+    err = np.abs(R - R_ref).max() / np.abs(R_ref).max()
+    assert err < 1e-4, f"relative error {err:.2e}"
+
+
+# -- linear layers -------------------------------------------------------------------
+
+W33, B33 = rand(4, 3, 3, 3), rand(4)
+
+CONV_CASES = {
+    "pad1": ({"pads": [1, 1, 1, 1]}, (2, 3, 6, 6), lambda x: F.conv2d(x, t(W33), t(B33), padding=1)),
+    "asymmetric_pads": (
+        {"pads": [0, 1, 1, 0]}, (2, 3, 6, 6),
+        lambda x: F.conv2d(F.pad(x, (1, 0, 0, 1)), t(W33), t(B33)),
+    ),
+    "stride2_output_padding": ({"strides": [2, 2]}, (2, 3, 8, 8), lambda x: F.conv2d(x, t(W33), t(B33), stride=2)),
+    "auto_pad_same_upper": (
+        {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, (2, 3, 8, 8),
+        lambda x: F.conv2d(F.pad(x, (0, 1, 0, 1)), t(W33), t(B33), stride=2),
+    ),
+    "auto_pad_same_lower": (
+        {"strides": [2, 2], "auto_pad": "SAME_LOWER"}, (2, 3, 8, 8),
+        lambda x: F.conv2d(F.pad(x, (1, 0, 1, 0)), t(W33), t(B33), stride=2),
+    ),
+    "auto_pad_valid": ({"auto_pad": "VALID"}, (2, 3, 6, 6), lambda x: F.conv2d(x, t(W33), t(B33))),
+    "dilation2": (
+        {"dilations": [2, 2], "pads": [2, 2, 2, 2]}, (2, 3, 7, 7),
+        lambda x: F.conv2d(x, t(W33), t(B33), padding=2, dilation=2),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONV_CASES))
+def test_conv(name):
+    attrs, shape, fn = CONV_CASES[name]
+    model = build(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], **attrs), flatten()],
+        {"w": W33, "b": B33}, shape,
+    )
+    check_chain(model, rand(*shape), [(fn, "eps"), (flat, "eps")])
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_conv_groups_and_depthwise(groups):
+    w = rand(8, 4 // groups, 3, 3)
+    model = build([helper.make_node("Conv", ["x", "w"], ["y"], group=groups, pads=[1, 1, 1, 1]), flatten()],
+                  {"w": w}, (2, 4, 5, 5))
+    fn = lambda x: F.conv2d(x, t(w), padding=1, groups=groups)  # noqa: E731
+    check_chain(model, rand(2, 4, 5, 5), [(fn, "eps"), (flat, "eps")])
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta", [(1, 1.0, 1.0), (0, 0.5, 2.0)])
+def test_gemm(trans_b, alpha, beta):
+    w = rand(4, 6) if trans_b else rand(6, 4)
+    c = rand(4)
+    model = build([helper.make_node("Gemm", ["x", "w", "c"], ["logits"], transB=trans_b, alpha=alpha, beta=beta)],
+                  {"w": w, "c": c}, (3, 6))
+    wt = t(w).T if trans_b else t(w)
+    check_chain(model, rand(3, 6), [(lambda x: alpha * x @ wt + beta * t(c), "eps")])
+
+
+def test_gemm_trans_a():
+    w = rand(6, 4)
+    model = build([helper.make_node("Gemm", ["x", "w"], ["logits"], transA=1)], {"w": w}, (6, 3), dynamic_batch=False)
+    check_chain(model, rand(6, 3), [(lambda x: x.T @ t(w), "eps")])
+
+
+def test_matmul_constant_right_and_left():
+    w = rand(6, 4)
+    model = build([helper.make_node("MatMul", ["x", "w"], ["logits"])], {"w": w}, (3, 6))
+    check_chain(model, rand(3, 6), [(lambda x: x @ t(w), "eps")])
+    a = rand(5, 6)
+    model = build([helper.make_node("MatMul", ["a", "x"], ["logits"])], {"a": a}, (6, 3), dynamic_batch=False)
+    check_chain(model, rand(6, 3), [(lambda x: t(a) @ x, "eps")])
+
+
+# -- elementwise with constants --------------------------------------------------------
+
+C311 = rand(3, 1, 1, positive=True)
+
+
+@pytest.mark.parametrize(
+    "op,fn",
+    [
+        ("Add", lambda x: x + t(C311)),
+        ("Sub", lambda x: x - t(C311)),
+        ("Mul", lambda x: x * t(C311)),
+        ("Div", lambda x: x / t(C311)),
+    ],
+)
+def test_elementwise_with_constant(op, fn):
+    model = build([helper.make_node(op, ["x", "c"], ["y"]), flatten()], {"c": C311}, (2, 3, 4, 4))
+    check_chain(model, rand(2, 3, 4, 4), [(fn, "eps"), (flat, "eps")])
+
+
+def test_add_of_activations_with_broadcast_and_fan_out():
+    """y = x + mean(x over H, W): x feeds two consumers; the Add broadcasts [N,C,1,1]."""
+    model = build(
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["g"]),
+            helper.make_node("Add", ["x", "g"], ["y"]),
+            flatten(),
+        ],
+        {}, (2, 3, 4, 4),
+    )
+    x = rand(2, 3, 4, 4)
+    target = np.array([5, 17])
+    _, R = run_compiled(model, x, target=target)
+    g = t(x).mean((2, 3), keepdim=True).numpy()
+    R_y = one_hot(target, 48).reshape(2, 3, 4, 4)
+    R_y = epsilon_lrp(lambda a: a.reshape(2, -1), [x + g], R_y.reshape(2, -1))[0]  # the Flatten
+    R_x_direct, R_g = epsilon_lrp(lambda a, b: a + b, [x, g], R_y)
+    R_x_pool = epsilon_lrp(lambda a: a.mean((2, 3), keepdim=True), [x], R_g)[0]
+    ref = R_x_direct + R_x_pool
+    assert np.abs(R - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_sub_and_sum_of_activations():
+    """Sum of three relevance inputs and Sub of two (the second gets the negated share)."""
+    c = rand(3, 1, 1)
+    model = build(
+        [
+            helper.make_node("Mul", ["x", "c"], ["xc"]),
+            helper.make_node("Relu", ["x"], ["xr"]),
+            helper.make_node("Sum", ["x", "xc", "xr"], ["s"]),
+            helper.make_node("Sub", ["s", "xc"], ["y"]),
+            flatten(),
+        ],
+        {"c": c}, (2, 3, 2, 2),
+    )
+    x = rand(2, 3, 2, 2)
+    target = np.array([1, 4])
+    _, R = run_compiled(model, x, target=target)
+    xc, xr = x * c, np.maximum(x, 0)
+    s = x + xc + xr
+    R_y = one_hot(target, 12).reshape(2, 3, 2, 2)
+    R_y = epsilon_lrp(lambda a: a.reshape(2, -1), [s - xc], R_y.reshape(2, -1))[0]
+    R_s, R_xc1 = epsilon_lrp(lambda a, b: a - b, [s, xc], R_y)
+    R_x1, R_xc2, R_xr = epsilon_lrp(lambda a, b, d: a + b + d, [x, xc, xr], R_s)
+    R_x2 = epsilon_lrp(lambda a: a * t(c), [x], R_xc1 + R_xc2)[0]
+    ref = R_x1 + R_x2 + R_xr  # Relu passes relevance through
+    assert np.abs(R - ref).max() / np.abs(ref).max() < 1e-4
+
+
+# -- pooling -------------------------------------------------------------------------
+
+
+POOL_CASES = {
+    "maxpool_overlapping": (
+        helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        lambda x: F.max_pool2d(x, 3, 2, padding=1),
+    ),
+    "maxpool_2x2": (
+        helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2]),
+        lambda x: F.max_pool2d(x, 2, 2),
+    ),
+    "avgpool_exclude_pad": (
+        helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        lambda x: F.avg_pool2d(x, 3, 2, padding=1, count_include_pad=False),
+    ),
+    "avgpool_include_pad": (
+        helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                         count_include_pad=1),
+        lambda x: F.avg_pool2d(x, 3, 2, padding=1, count_include_pad=True),
+    ),
+    "avgpool_ceil_mode": (
+        helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+        lambda x: F.avg_pool2d(x, 2, 2, ceil_mode=True),
+    ),
+    "global_average_pool": (
+        helper.make_node("GlobalAveragePool", ["x"], ["y"]),
+        lambda x: x.mean((2, 3), keepdim=True),
+    ),
+    "reduce_mean_spatial": (
+        helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0),
+        lambda x: x.mean((2, 3)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POOL_CASES))
+def test_pooling(name):
+    node, fn = POOL_CASES[name]
+    model = build([node, flatten()], {}, (2, 3, 7, 7))
+    check_chain(model, rand(2, 3, 7, 7), [(fn, "eps"), (flat, "eps")])
+
+
+def test_maxpool_sends_relevance_to_the_winner_only():
+    model = build([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2]), flatten()],
+                  {}, (1, 1, 4, 4))
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4) + 1.0
+    _, R = run_compiled(model, x, lrpc.Composite(lrpc.GlobalMap(lrpc.ZeroRule())), target=[3])
+    expected = np.zeros((4, 4), dtype=np.float32)
+    expected[3, 3] = 1.0  # window (1, 1) holds 11, 12, 15, 16; 16 wins
+    np.testing.assert_allclose(R[0, 0], expected, atol=1e-6)
+
+
+# -- merge and reshaping ---------------------------------------------------------------
+
+
+def test_concat_with_constant_part():
+    c = rand(1, 2, 3, 3)
+    model = build(
+        [helper.make_node("Expand", ["c", "shape"], ["cb"]), helper.make_node("Concat", ["x", "cb"], ["y"], axis=1),
+         flatten()],
+        {"c": c, "shape": np.array([2, 2, 3, 3], dtype=np.int64)}, (2, 3, 3, 3), dynamic_batch=False,
+    )
+    cb = np.broadcast_to(c, (2, 2, 3, 3))
+    check_chain(model, rand(2, 3, 3, 3), [(lambda x: torch.cat([x, t(cb)], 1), "eps"), (flat, "eps")])
+
+
+def test_concat_of_two_activations():
+    model = build(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Concat", ["r", "x"], ["y"], axis=1), flatten()],
+        {}, (2, 2, 3, 3),
+    )
+    x = rand(2, 2, 3, 3)
+    target = np.array([3, 30])
+    _, R = run_compiled(model, x, target=target)
+    r = np.maximum(x, 0)
+    R_y = one_hot(target, 36).reshape(2, 4, 3, 3)
+    R_y = epsilon_lrp(lambda a: a.reshape(2, -1), [np.concatenate([r, x], 1)], R_y.reshape(2, -1))[0]
+    R_r, R_x = epsilon_lrp(lambda a, b: torch.cat([a, b], 1), [r, x], R_y)
+    ref = R_r + R_x
+    assert np.abs(R - ref).max() / np.abs(ref).max() < 1e-4
+
+
+RESHAPE_CASES = {
+    "reshape": (
+        [helper.make_node("Reshape", ["x", "shape"], ["logits"])],
+        {"shape": np.array([0, -1], dtype=np.int64)}, (2, 3, 2, 2), lambda x: x.reshape(2, -1),
+    ),
+    "transpose": (
+        [helper.make_node("Transpose", ["x"], ["y"], perm=[0, 2, 3, 1]), flatten()], {}, (2, 3, 2, 2),
+        lambda x: x.permute(0, 2, 3, 1).reshape(2, -1),
+    ),
+    "squeeze": (
+        [helper.make_node("Squeeze", ["x", "axes"], ["y"]), flatten()],
+        {"axes": np.array([2], dtype=np.int64)}, (2, 3, 1, 4), lambda x: x.squeeze(2).reshape(2, -1),
+    ),
+    "unsqueeze": (
+        [helper.make_node("Unsqueeze", ["x", "axes"], ["y"]), flatten()],
+        {"axes": np.array([1], dtype=np.int64)}, (2, 12), lambda x: x.unsqueeze(1).reshape(2, -1),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESHAPE_CASES))
+@pytest.mark.parametrize("rule", ["eps", "pass"])
+def test_reshaping(name, rule):
+    nodes, inits, shape, fn = RESHAPE_CASES[name]
+    model = build(nodes, inits, shape)
+    composite = lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(EPS) if rule == "eps" else lrpc.PassRule()))
+    x = rand(*shape)
+    target = np.array([1, 5])
+    _, R = run_compiled(model, x, composite, target)
+    R_out = one_hot(target, int(np.prod(shape[1:])))
+    # PassRule: the inverse map, relevance lands where each value came from (the VJP)
+    ref = epsilon_lrp(fn, [x], R_out)[0] if rule == "eps" else _inverse(fn, x, R_out)
+    np.testing.assert_allclose(R, ref, rtol=1e-4, atol=1e-6)
+
+
+def _inverse(fn, x, R_out):
+    xt = t(x).requires_grad_(True)
+    (g,) = torch.autograd.grad((fn(xt) * t(R_out)).sum(), xt)
+    return g.numpy()
+
+
+# -- activations and normalization -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("LeakyRelu", ["h"], ["a"], alpha=0.1),
+        helper.make_node("Clip", ["h", "lo", "hi"], ["a"]),
+    ],
+    ids=["Relu", "LeakyRelu", "Clip"],
+)
+def test_activations_pass_relevance_through(node):
+    w1, w2 = rand(6, 5), rand(5, 3)
+    inits = {"w1": w1, "w2": w2, "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
+    if node.op_type != "Clip":
+        inits = {"w1": w1, "w2": w2}
+    model = build([helper.make_node("MatMul", ["x", "w1"], ["h"]), node, helper.make_node("MatMul", ["a", "w2"], ["logits"])],
+                  inits, (4, 6))
+    act = {
+        "Relu": torch.relu,
+        "LeakyRelu": lambda h: F.leaky_relu(h, 0.1),
+        "Clip": lambda h: h.clamp(0.0, 6.0),
+    }[node.op_type]
+    check_chain(model, rand(4, 6), [(lambda x: x @ t(w1), "eps"), (act, "pass"), (lambda a: a @ t(w2), "eps")])
+
+
+def test_standalone_batchnorm_epsilon_and_pass():
+    scale, bias, mean, var = rand(3), rand(3), rand(3), rand(3, positive=True)
+    model = build(
+        [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-5), flatten()],
+        {"s": scale, "b": bias, "m": mean, "v": var}, (2, 3, 2, 2),
+    )
+    w = scale / np.sqrt(var + 1e-5)
+    shift = bias - mean * w
+
+    def bn(x):
+        return x * t(w).reshape(1, 3, 1, 1) + t(shift).reshape(1, 3, 1, 1)
+
+    check_chain(model, rand(2, 3, 2, 2), [(bn, "eps"), (flat, "eps")])
+    composite = lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(EPS)), lrpc.GlobalTypeMap({lrpc.NormalizationLayer: lrpc.PassRule()}))
+    check_chain(model, rand(2, 3, 2, 2), [(bn, "pass"), (flat, "eps")], composite)

@@ -98,6 +98,7 @@ class OpSpec:
     params: Callable[[gs.Node, list[int]], dict[str, gs.Tensor | int]] | None = None
     route: Route | None = None
     linear: bool = True  # False for ops whose VJP depends on the input (MaxPool)
+    selects: bool = False  # every output is a copy of one input (MaxPool): z = a at the winner
     check: Callable[[gs.Node, list[int]], str | None] | None = None
 
     def run_forward(self, em: Emitter, layer: Layer, inputs: list, params: dict) -> Sym:
@@ -504,7 +505,7 @@ _BUILTIN = [
     OpSpec("Sub", Kind.MERGE, _sub_vjp, params=_other_operand("bias")),
     OpSpec("Sum", Kind.MERGE, _add_vjp),
     OpSpec("Mul", Kind.AFFINE, _mul_vjp, params=_other_operand("weight"), check=_single_relevance_input),
-    OpSpec("MaxPool", Kind.POOLING, _maxpool_vjp, linear=False),
+    OpSpec("MaxPool", Kind.POOLING, _maxpool_vjp, linear=False, selects=True),
     OpSpec("AveragePool", Kind.POOLING, _avgpool_vjp),
     OpSpec("GlobalAveragePool", Kind.POOLING, _gap_vjp),
     OpSpec("ReduceMean", Kind.POOLING, _reducemean_vjp, check=_reducemean_check),

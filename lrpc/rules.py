@@ -240,10 +240,21 @@ def _map_params(weight_fn, bias_fn=None):
 
 
 class ZeroRule(Rule):
-    """LRP-0: ``R_j = Σ_i a_j w_ij / z_i · R_i`` (stabilized with 1e-9 only)."""
+    """LRP-0: ``R_j = Σ_i a_j w_ij / z_i · R_i`` (stabilized with 1e-9 only).
+
+    On a selecting op (MaxPool) ``z_i`` *is* the winning ``a_j``, so ``a_j · R_i / z_i``
+    is exactly ``R_i`` routed to the winner: emitted as that (winner takes all), which
+    also keeps the relevance of windows whose maximum is 0.
+    """
 
     def __init__(self):
         self.epsilon = 1e-9
+
+    def propagate(self, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
+        if layer.spec.selects:
+            acts = [em.sym(layer.act(k)) for k in range(len(layer.acts))]
+            return layer.spec.vjp(em, layer, acts, {}, R)
+        return super().propagate(em, layer, R)
 
 
 class EpsilonRule(Rule):

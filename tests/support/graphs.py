@@ -52,17 +52,18 @@ def small_cnn(seed: int = 0, softmax: bool = False, extra_nodes=(), names: bool 
 
 
 def with_node_before_output(model, op_type: str, **attrs):
-    """Insert ``op_type`` (one input, same shape) between the last Relu and the last Gemm."""
+    """Insert ``op_type`` (one input, same shape) right before the last Gemm; can be repeated."""
     import onnx
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
     nodes = list(m.graph.node)
-    for node in nodes:
-        if node.name.endswith("classifier.2/Gemm") or node.input[0] == "a3":
-            node.input[0] = "a3x"
-    extra = helper.make_node(op_type, ["a3"], ["a3x"], name=f"/classifier/custom/{op_type}", **attrs)
-    idx = next(i for i, nd in enumerate(nodes) if nd.input and nd.input[0] == "a3x")
+    idx = max(i for i, nd in enumerate(nodes) if nd.op_type == "Gemm")
+    gemm = nodes[idx]
+    src = gemm.input[0]
+    new = f"{src}_{op_type.lower()}"
+    extra = helper.make_node(op_type, [src], [new], name=f"/classifier/custom/{op_type}", **attrs)
+    gemm.input[0] = new
     del m.graph.node[:]
     m.graph.node.extend(nodes[:idx] + [extra] + nodes[idx:])
     return m

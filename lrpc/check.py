@@ -17,7 +17,7 @@ from rich.table import Table
 from .errors import UnsupportedModelError
 from .graph import Program, static_shape
 from .layers import LayerTable
-from .registry import KNOWN_ACTIVATION_NAMES, Kind
+from .registry import KNOWN_ACTIVATION_NAMES
 
 SUPPORTED = "supported"
 
@@ -109,6 +109,3 @@ def raise_if_unsupported(report: CheckReport, verbose: bool = True) -> None:
     message = f"{report.render(only_failures=True)}\n{summary}" if verbose else summary
     raise UnsupportedModelError(message, report)
 
-
-def activation_only(kind: Kind) -> bool:
-    return kind is Kind.ACTIVATION

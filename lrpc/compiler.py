@@ -132,7 +132,9 @@ def emit_model(analysis: Analysis, normalize_output_relevance: bool = True) -> o
     try:
         onnx.checker.check_model(out, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug in lrpc, not in the user's model
-        raise LrpcError(f"internal error: the compiled model fails the ONNX checker: {str(exc).splitlines()[0]}")
+        raise LrpcError(
+            f"internal error: the compiled model fails the ONNX checker: {str(exc).splitlines()[0]}"
+        ) from None
     return out
 
 

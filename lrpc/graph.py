@@ -145,16 +145,20 @@ def node_graph(graph: gs.Graph) -> nx.DiGraph:
     return g
 
 
-def relevant_nodes(graph: gs.Graph, input_name: str, start_name: str) -> list[gs.Node]:
-    """Nodes on some path from the explained input to the relevance start, in topological order."""
+def relevance_path(graph: gs.Graph, input_name: str, start_name: str) -> tuple[list[gs.Node], set[str]]:
+    """Nodes and tensors on some path from the explained input to the relevance start.
+
+    Returns the nodes in topological order and the names of the tensors that carry
+    relevance: those that depend on the input and lead to the start.
+    """
     g = node_graph(graph)
     src, dst = ("tensor", input_name), ("tensor", start_name)
     if src not in g or dst not in g:
-        return []
-    down = nx.descendants(g, src)
-    up = nx.ancestors(g, dst)
-    keep = {k for k in down & up if k[0] == "node"}
-    return [n for n in graph.nodes if ("node", id(n)) in keep]
+        return [], set()
+    on_path = (nx.descendants(g, src) | {src}) & (nx.ancestors(g, dst) | {dst})
+    nodes = [n for n in graph.nodes if ("node", id(n)) in on_path]
+    carriers = {name for kind, name in on_path if kind == "tensor"}
+    return nodes, carriers
 
 
 def static_shape(tensor) -> tuple | None:

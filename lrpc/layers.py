@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from .graph import Program, node_graph, relevant_nodes
+from .graph import Program, relevance_path
 from .registry import Kind, Layer, lookup
 
 
@@ -36,15 +36,7 @@ class LayerTable:
 
 
 def find_layers(program: Program) -> LayerTable:
-    graph = program.graph
-    nodes = relevant_nodes(graph, program.input_name, program.start_name)
-    carriers = {program.input_name} | {t.name for n in nodes for t in n.outputs if t.name}
-    # only outputs that themselves lead to the start carry relevance
-    g = node_graph(graph)
-    import networkx as nx
-
-    upstream = nx.ancestors(g, ("tensor", program.start_name)) | {("tensor", program.start_name)}
-    carriers = {c for c in carriers if ("tensor", c) in upstream}
+    nodes, carriers = relevance_path(program.graph, program.input_name, program.start_name)
 
     layers: list[Layer] = []
     by_node: dict[int, Layer] = {}

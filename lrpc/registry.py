@@ -249,7 +249,8 @@ def _other_operand(role: str):
     """Elementwise op with a constant: the non-relevance operand is the parameter."""
 
     def params(node: gs.Node, acts: list[int]):
-        return {role: i for i in range(len(node.inputs)) if i not in acts}
+        others = [i for i in range(len(node.inputs)) if i not in acts]
+        return {role: others[0]} if len(others) == 1 else {}
 
     return params
 
@@ -363,7 +364,6 @@ def _avgpool_vjp(em, layer, inputs, params, s):
     """
     node = layer.node
     kernel = list(node.attrs["kernel_shape"])
-    n = len(kernel)
     window = int(np.prod(kernel))
     if int(node.attrs.get("count_include_pad", 0)):
         scaled = s * (1.0 / window)

@@ -22,8 +22,8 @@ written in ordinary arithmetic becomes ONNX nodes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 

@@ -88,9 +88,8 @@ def test_presets_match_the_reference_maps(preset, conv, first):
 
 
 def test_first_layer_flat_only_when_first_parametric_layer_is_conv():
-    from support.graphs import small_cnn as _  # noqa: F401  (same module, MLP built below)
-    from onnx import TensorProto, helper, numpy_helper
     import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
 
     w = np.ones((4, 6), np.float32)
     graph = helper.make_graph(

@@ -8,7 +8,6 @@ in torch. The reference applies LRP-ε step by step with torch's autograd as the
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch

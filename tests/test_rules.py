@@ -59,7 +59,7 @@ PLACES = {
 
 def _cases():
     for rule, (_, _, where) in RULES.items():
-        for place, (model, _, _, mixed) in PLACES.items():
+        for place, (_, _, _, mixed) in PLACES.items():
             if where == "first" and not mixed:
                 continue
             if where == "first-rgb" and place != "vgg-first-conv":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import onnx
 from onnx import version_converter
 
 from ..errors import ModelLoadError

@@ -122,6 +122,7 @@ def emit_model(analysis: Analysis, normalize_output_relevance: bool = True) -> o
         "lrpc.version": __version__,
         "lrpc.composite": repr(analysis.composite),
         "lrpc.input": program.input_name,
+        "lrpc.output": program.output_name,
         "lrpc.relevance_start": program.start_name,
         "lrpc.normalize_output_relevance": str(bool(normalize_output_relevance)).lower(),
         "lrpc.rules": "; ".join(f"{layer.index}:{layer.name}={rule!r}" for layer, rule in analysis.layer_rules()),

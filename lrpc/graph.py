@@ -94,6 +94,7 @@ class Program:
     ir_version: int
     opset: int
     input_name: str = ""
+    output_name: str = ""  # the model output whose class is explained
     start_name: str = ""  # tensor where relevance starts (logits)
     notes: list[str] = field(default_factory=list)
 

@@ -33,6 +33,7 @@ def strip_softmax(program: Program, output: str | None = None) -> Program:
     if output is not None and output not in names:
         raise LrpcError(f"output {output!r} not found; the model's outputs are {names}")
     tensor = graph.outputs[names.index(output) if output else 0]
+    program.output_name = tensor.name
     while len(tensor.inputs) == 1 and tensor.inputs[0].op in SOFTMAX | {"Identity"}:
         node = tensor.inputs[0]
         tensor = node.inputs[0]

@@ -15,5 +15,6 @@ def infer_shapes(program: Program) -> Program:
         return program
     new = Program.from_model(inferred)
     new.ir_version, new.opset = program.ir_version, program.opset
-    new.input_name, new.start_name, new.notes = program.input_name, program.start_name, program.notes
+    new.input_name, new.output_name, new.start_name = program.input_name, program.output_name, program.start_name
+    new.notes = program.notes
     return new

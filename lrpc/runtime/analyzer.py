@@ -76,7 +76,8 @@ class LRP:
         self.input_name = meta.get("lrpc.input", self.model.graph.input[0].name)
         self.session = make_session(self.model, providers=providers, threads=threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.model_outputs = [n for n in self.output_names if n != RELEVANCE_NAME]
+        model_outputs = [n for n in self.output_names if n != RELEVANCE_NAME]
+        self.explained_output = meta.get("lrpc.output", model_outputs[0])
         self._num_classes = None
 
     @property
@@ -112,15 +113,20 @@ class LRP:
             feeds[TARGET_NAME] = target
         results = dict(zip(self.output_names, self.session.run(None, feeds)))
         relevance = results.pop(RELEVANCE_NAME)
-        output = results[self.model_outputs[0]]
+        output = results.pop(self.explained_output)
         selection = np.asarray(feeds.get(TARGET_NAME, np.argmax(output.reshape(n, -1), axis=1)))
-        extras = {k: v for k, v in results.items() if k != self.model_outputs[0]}
-        return Explanation(relevance, output, selection, extras=extras)
+        return Explanation(relevance, output, selection, extras=results)
 
     def _classes(self, sample: np.ndarray) -> int:
+        """Number of classes of the explained output (static shape, else one probe run)."""
         if self._num_classes is None:
-            out = self.session.run([self.model_outputs[0]], {self.input_name: sample})[0]
-            self._num_classes = int(np.prod(out.shape[1:]))
+            meta = next(o for o in self.session.get_outputs() if o.name == self.explained_output)
+            dims = meta.shape[1:]
+            if dims and all(isinstance(d, int) for d in dims):
+                self._num_classes = int(np.prod(dims))
+            else:
+                out = self.session.run([self.explained_output], {self.input_name: sample})[0]
+                self._num_classes = int(np.prod(out.shape[1:]))
         return self._num_classes
 
     def _check_input(self, input) -> np.ndarray:

@@ -12,6 +12,7 @@ import io
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UnsupportedModelError
@@ -50,14 +51,14 @@ class CheckReport:
         return [r for r in self.rows if not r.ok]
 
     def table(self, only_failures: bool = False) -> Table:
-        table = Table(title=f"LRP model check: relevance from {self.start_name!r} to {self.input_name!r}")
+        table = Table(title=escape(f"LRP model check: relevance from {self.start_name!r} to {self.input_name!r}"))
         for column in ("#", "node", "op", "kind", "status"):
             table.add_column(column)
         for r in self.rows:
             if only_failures and r.ok:
                 continue
             style = None if r.ok else "bold red"
-            table.add_row(r.index, r.name, r.op_type, r.kind, r.status, style=style)
+            table.add_row(*(escape(v) for v in (r.index, r.name, r.op_type, r.kind, r.status)), style=style)
         return table
 
     def render(self, width: int = 120, only_failures: bool = False) -> str:

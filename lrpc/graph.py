@@ -107,7 +107,9 @@ class Program:
     def to_model(self) -> onnx.ModelProto:
         self.graph.opset = self.opset
         model = gs.export_onnx(self.graph, do_type_check=False)
-        model.ir_version = min(max(self.ir_version, _min_ir_for(model)), MAX_IR_VERSION)
+        # IR 4 is the first that lets initializers stay out of the graph inputs, which is
+        # how onnx-graphsurgeon writes them (old files listed weights as inputs).
+        model.ir_version = min(max(self.ir_version, _min_ir_for(model), 4), MAX_IR_VERSION)
         return model
 
     # -- queries -----------------------------------------------------------------------

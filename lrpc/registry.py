@@ -472,8 +472,8 @@ def _bn_params(node: gs.Node, acts: list[int]):
     tail = (1,) * max(rank - 2, 0)
     dtype = scale.dtype
     return {
-        "weight": gs.Constant(f"{node.name}/lrp_weight", weight.reshape(-1, *tail).astype(dtype)),
-        "bias": gs.Constant(f"{node.name}/lrp_bias", shift.reshape(-1, *tail).astype(dtype)),
+        "weight": gs.Constant(f"{node.outputs[0].name}/lrp_weight", weight.reshape(-1, *tail).astype(dtype)),
+        "bias": gs.Constant(f"{node.outputs[0].name}/lrp_bias", shift.reshape(-1, *tail).astype(dtype)),
     }
 
 

@@ -19,14 +19,16 @@ def constant_arithmetic_to_affine(program: Program) -> Program:
             continue
         x, c = node.inputs
         value = constant_value(c)
-        if value is None or constant_value(x) is not None:
-            continue
+        if value is None or constant_value(x) is not None or not np.issubdtype(value.dtype, np.floating):
+            continue  # integer arithmetic (shape computations) has no reciprocal
         if node.op == "Sub":
             node.op, new = "Add", -value
         else:
             if np.any(value == 0):
                 continue
             node.op, new = "Mul", (1.0 / value).astype(value.dtype)
-        node.inputs[1] = gs.Constant(f"{c.name}/affine_{node.op.lower()}", np.asarray(new, dtype=value.dtype))
+        # named after the node's output: tensor names are unique, node names may be empty
+        node.inputs[1] = gs.Constant(f"{node.outputs[0].name}/affine_{node.op.lower()}",
+                                     np.asarray(new, dtype=value.dtype))
     program.graph.cleanup(remove_unused_graph_inputs=False)
     return program

@@ -32,8 +32,13 @@ def _fusable_producer(graph_outputs: set, bn: gs.Node) -> gs.Node | None:
         return None
     if len(producer.inputs) > 2 and producer.inputs[2].name and constant_value(producer.inputs[2]) is None:
         return None
-    if producer.op == "Gemm" and int(producer.attrs.get("transA", 0)):
-        return None
+    if producer.op == "Gemm":
+        if int(producer.attrs.get("transA", 0)):
+            return None
+        if len(producer.inputs) > 2 and producer.inputs[2].name:
+            bias = constant_value(producer.inputs[2])
+            if bias.ndim == 2 and bias.shape[0] != 1:
+                return None  # a per-row bias is not a per-channel one
     return producer
 
 
@@ -59,11 +64,13 @@ def fuse_batchnorm(program: Program) -> Program:
             new_w = weight * (scale[:, None] if trans_b else scale[None, :]) * alpha
             out_features = weight.shape[0] if trans_b else weight.shape[1]
             c = constant_value(producer.inputs[2]) if has_bias else np.zeros(out_features)
-            bias = np.broadcast_to(beta * c, (out_features,))
+            bias = np.broadcast_to(beta * c, (1, out_features)).reshape(out_features)
             producer.attrs["alpha"], producer.attrs["beta"] = 1.0, 1.0
         new_b = bias * scale + shift
-        producer.inputs[1] = gs.Constant(f"{producer.name}/bn_fused_weight", new_w.astype(dtype))
-        b_const = gs.Constant(f"{producer.name}/bn_fused_bias", new_b.astype(dtype))
+        # named after the BatchNorm's output tensor: unique, unlike (optional) node names
+        base = bn.outputs[0].name
+        producer.inputs[1] = gs.Constant(f"{base}/bn_fused_weight", new_w.astype(dtype))
+        b_const = gs.Constant(f"{base}/bn_fused_bias", new_b.astype(dtype))
         if has_bias:
             producer.inputs[2] = b_const
         else:

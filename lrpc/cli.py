@@ -19,18 +19,28 @@ EXIT_INTERNAL = 70
 
 
 def _composite_from_args(args):
-    from .composites import EpsilonPlusFlat
+    """The composite named on the command line, or None (the default, EpsilonPlusFlat)."""
+    from .errors import CompositeSyntaxError
     from .expressions import load_rules_file, parse_composite
 
-    if getattr(args, "rules", None) and getattr(args, "composite", None):
-        from .errors import CompositeSyntaxError
-
+    rules, composite = getattr(args, "rules", None), getattr(args, "composite", None)
+    if rules is not None and composite is not None:
         raise CompositeSyntaxError("give --composite or --rules, not both")
-    if getattr(args, "rules", None):
-        return load_rules_file(args.rules)
-    if getattr(args, "composite", None):
-        return parse_composite(args.composite)
-    return EpsilonPlusFlat()
+    if rules is not None:
+        return load_rules_file(rules)
+    if composite is not None:
+        return parse_composite(composite)
+    return None
+
+
+def _print_table(table) -> None:
+    """Print a rich table at its natural width: node names must not be cut, even in a pipe."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console(highlight=False)
+    width = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+    Console(highlight=False, width=max(console.width, width)).print(table)
 
 
 def _add_model_options(p: argparse.ArgumentParser, composite: bool = True) -> None:
@@ -49,8 +59,11 @@ def _add_model_options(p: argparse.ArgumentParser, composite: bool = True) -> No
 
 def cmd_compile(args) -> int:
     from .compiler import compile_file
+    from .errors import LrpcError
 
     out = Path(args.output_file) if args.output_file else Path(args.model).with_suffix(".lrp.onnx")
+    if out.is_dir():
+        raise LrpcError(f"{out}: is a directory; give a file name with -o")
     compile_file(
         args.model, out, _composite_from_args(args),
         input_name=args.input_name, output_name=args.output_name,
@@ -63,14 +76,12 @@ def cmd_compile(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from rich.console import Console
-
     from .compiler import analyze_model
 
     analysis = analyze_model(args.model, input_name=args.input_name, output_name=args.output_name,
                              skip_checks=True)
     report = analysis.report
-    Console(highlight=False).print(report.table())
+    _print_table(report.table())
     if report.ok:
         print(f"model check passed: {len(analysis.table.layers)} layers")
         return 0
@@ -79,7 +90,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .compiler import analyze_model
@@ -92,8 +103,8 @@ def cmd_inspect(args) -> int:
         table.add_column(column)
     for layer, rule in analysis.layer_rules():
         path = "/".join(hierarchy(layer.name)[:-1])
-        table.add_row(str(layer.index), layer.name, path, layer.op_type, repr(rule))
-    Console(highlight=False).print(table)
+        table.add_row(*(escape(v) for v in (str(layer.index), layer.name, path, layer.op_type, repr(rule))))
+    _print_table(table)
     return 0
 
 
@@ -123,12 +134,16 @@ def cmd_explain(args) -> int:
     from .heatmap import heatmap, save_png
     from .runtime import LRP
 
+    from .errors import LrpcError
+
+    outdir = Path(args.output_dir)
+    if outdir.exists() and not outdir.is_dir():
+        raise LrpcError(f"{outdir}: exists and is not a folder")
     x = _read_inputs(args.inputs)
     analyzer = LRP(args.model, _composite_from_args(args), input_name=args.input_name,
                    output_name=args.output_name, skip_checks=args.skip_checks,
                    normalize_output_relevance=not args.no_normalize_output_relevance)
     expl = analyzer.analyze(x, args.target)
-    outdir = Path(args.output_dir)
     outdir.mkdir(parents=True, exist_ok=True)
     images = heatmap(expl) if expl.val.ndim in (3, 4) else []
     summary = []
@@ -154,6 +169,16 @@ def cmd_explain(args) -> int:
               f"sum(relevance) = {entry['relevance_sum']:.4f}" + (f" -> {outdir / entry['heatmap']}" if images else ""))
     print(f"wrote {len(images)} heatmap(s), relevance.npz and summary.json to {outdir}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,19 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help=".npy files, each one sample batch [N, ...]")
     p.add_argument("-o", dest="output_dir", required=True, help="output folder")
     p.add_argument("--target", type=int, help="class to explain (default: the prediction)")
-    p.add_argument("--scale", type=int, default=1, help="upscale heatmaps by this factor")
+    p.add_argument("--scale", type=_positive_int, default=1, help="upscale heatmaps by this factor")
     p.add_argument("--no-normalize-output-relevance", action="store_true")
     p.set_defaults(run=cmd_explain)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import LrpcError
+    from .errors import LrpcError, UnsupportedModelError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except UnsupportedModelError as exc:
+        if exc.report is not None:
+            _print_table(exc.report.table(only_failures=True))
+            n = len(exc.report.failures)
+            print(f"lrpc: error: model check failed: {n} unsupported node(s); register them or use --skip-checks",
+                  file=sys.stderr)
+        else:
+            print(f"lrpc: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except LrpcError as exc:
         print(f"lrpc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

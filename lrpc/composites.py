@@ -134,9 +134,15 @@ class LayerMap(Primitive):
         return name == self.index or fnmatch.fnmatchcase(name, self.index)
 
     def apply(self, layers, rules):
-        for layer in layers:
-            if self.selects(layer):
-                rules[layer.index] = self.rule
+        hits = [layer for layer in layers if self.selects(layer)]
+        if not hits:
+            # a typo in a name or an index past the end should not go unnoticed
+            raise IncompatibleRuleError(
+                f"LayerMap({self.index!r}, ...) matches no layer; the model has {len(layers)} layers "
+                f"(0..{len(layers) - 1}; see `lrpc inspect`)"
+            )
+        for layer in hits:
+            rules[layer.index] = self.rule
 
     def _args(self):
         return (self.index, self.rule)

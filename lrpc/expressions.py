@@ -45,6 +45,12 @@ def parse_rule(text: str) -> Rule:
     return value
 
 
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise CompositeSyntaxError(f"{where} must be a string such as \"EpsilonRule(epsilon=1e-6)\", got {value!r}")
+    return value
+
+
 def _parse(text: str):
     try:
         tree = ast.parse(text.strip(), mode="eval")
@@ -111,15 +117,23 @@ def load_rules_file(path) -> Composite:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise CompositeSyntaxError(f"{path}: no such rules file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise CompositeSyntaxError(f"{path}: not valid TOML ({exc})") from None
-    base = parse_composite(data["composite"]) if "composite" in data else Composite()
+    except IsADirectoryError:
+        raise CompositeSyntaxError(f"{path}: is a directory, not a rules file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise CompositeSyntaxError(f"{path}: not a valid TOML rules file ({exc})") from None
+    unknown = set(data) - {"composite", "rule", "default"}
+    if unknown:
+        raise CompositeSyntaxError(f"{path}: unknown keys {sorted(unknown)}")
+    entries = data.get("rule", [])
+    if not isinstance(entries, list):
+        raise CompositeSyntaxError(f"{path}: 'rule' must be a list of [[rule]] tables")
+    base = parse_composite(_text(data["composite"], f"{path}: composite")) if "composite" in data else Composite()
     primitives = list(base.primitives)
-    for i, entry in enumerate(data.get("rule", [])):
+    for i, entry in enumerate(entries):
         where = f"{path}: [[rule]] #{i + 1}"
         if not isinstance(entry, dict) or "rule" not in entry:
             raise CompositeSyntaxError(f"{where}: needs a 'rule' key")
-        rule = parse_rule(entry["rule"])
+        rule = parse_rule(_text(entry["rule"], f"{where}: rule"))
         selectors = [k for k in ("layers", "type", "range", "first", "last") if k in entry]
         if len(selectors) > 1:
             raise CompositeSyntaxError(f"{where}: give one of layers/type/range/first/last, not {selectors}")
@@ -139,8 +153,5 @@ def load_rules_file(path) -> Composite:
             primitives.append(FirstLayerMap(rule))
         elif entry.get("last"):
             primitives.append(LastLayerMap(rule))
-    unknown = set(data) - {"composite", "rule", "default"}
-    if unknown:
-        raise CompositeSyntaxError(f"{path}: unknown keys {sorted(unknown)}")
-    default = parse_rule(data["default"]) if "default" in data else base.default
+    default = parse_rule(_text(data["default"], f"{path}: default")) if "default" in data else base.default
     return Composite(*primitives, default=default, name=None)

@@ -534,8 +534,7 @@ _ACTIVATIONS = ["Relu", "LeakyRelu", "Clip", "PRelu"]
 # Elementwise non-linearities the check names as activations rather than as unknown layers.
 KNOWN_ACTIVATION_NAMES = {
     "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Elu", "Selu", "Celu",
-    "Gelu", "Mish", "Erf", "Exp", "Log", "Sqrt", "Abs", "Sin", "Cos", "ThresholdedRelu", "Shrink",
-    "Reciprocal", "Neg", "Sign", "Round", "Floor", "Ceil",
+    "Gelu", "Mish", "ThresholdedRelu", "Shrink", "Swish",
 }
 
 REGISTRY: dict[str, OpSpec] = {}

@@ -184,7 +184,7 @@ def test_rules_file(tmp_path):
 @pytest.mark.parametrize(
     "content,message",
     [
-        ("composite = ", "not valid TOML"),
+        ("composite = ", "not a valid TOML rules file"),
         ('[[rule]]\nlayers = 1\n', "needs a 'rule' key"),
         ('[[rule]]\nlayers = 1\ntype = "Conv"\nrule = "ZeroRule()"\n', "give one of"),
         ('colour = "red"\n', "unknown keys"),
@@ -195,4 +195,17 @@ def test_bad_rules_files(tmp_path, content, message):
     path = tmp_path / "rules.toml"
     path.write_text(content)
     with pytest.raises(CompositeSyntaxError, match=message):
+        load_rules_file(path)
+
+
+def test_layer_map_that_matches_nothing_is_an_error():
+    for index in (99, "/no/such/node", "/nothing/*"):
+        with pytest.raises(IncompatibleRuleError, match="matches no layer; the model has 7 layers"):
+            lrpc.lrp_rules(MODEL, Composite(LayerMap(index, EpsilonRule())))
+
+
+def test_rules_file_with_rule_as_a_plain_key(tmp_path):
+    path = tmp_path / "rules.toml"
+    path.write_text('rule = "FlatRule()"\n')
+    with pytest.raises(CompositeSyntaxError, match=r"'rule' must be a list of \[\[rule\]\] tables"):
         load_rules_file(path)

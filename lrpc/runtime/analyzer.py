@@ -64,6 +64,9 @@ class LRP:
 
         proto = load_model(model)
         if _is_compiled(proto):
+            if composite is not None or not normalize_output_relevance or input_name or output_name:
+                raise LrpcError("the model is already compiled: its rules and options are fixed; "
+                                "pass the original model to change them")
             self.model = proto
             self.analysis = None
         else:
@@ -101,7 +104,10 @@ class LRP:
         n = x.shape[0]
         feeds = {self.input_name: x}
         if output_selection is not None:
-            target = np.asarray(output_selection, dtype=np.int64).reshape(-1)
+            target = np.asarray(output_selection).reshape(-1)
+            if target.dtype.kind not in "iu":
+                raise TargetError(f"output_selection must be integer class indices, got {output_selection!r}")
+            target = target.astype(np.int64)
             if target.size == 1 and n > 1:
                 target = np.repeat(target, n)
             if target.size != n:
@@ -136,6 +142,8 @@ class LRP:
             x = np.asarray(input, dtype=dtype)
         except (TypeError, ValueError) as exc:
             raise InputError(f"input cannot be converted to {meta.type}: {exc}") from None
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise InputError(f"input has shape {x.shape}: an empty batch")
         if x.ndim != len(meta.shape):
             raise InputError(f"input has shape {x.shape}; the model expects {_show(meta.shape)}")
         for got, want in zip(x.shape, meta.shape):

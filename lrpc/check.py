@@ -87,10 +87,10 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
         rows.append(CheckRow(index, name, node.op, layer.kind.value, problem or SUPPORTED))
     start = program.graph.tensors().get(program.start_name)
     shape = static_shape(start) if start is not None else None
-    if shape is not None and len(shape) != 2:
+    if shape is not None and len(shape) < 2:
         rows.append(
             CheckRow("", program.start_name, "(output)", "output",
-                     f"relevance start must be [batch, classes], got rank {len(shape)}")
+                     f"relevance start must be [batch, classes, ...], got rank {len(shape)}")
         )
     if not table.nodes:
         rows.append(CheckRow("", program.input_name, "(input)", "input",

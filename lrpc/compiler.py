@@ -17,7 +17,7 @@ from .errors import LrpcError
 from .graph import Program, load_model, save_model
 from .layers import LayerTable, find_layers
 from .passes import canonize
-from .registry import Layer
+from .spec import Layer
 from .rules import Rule
 
 

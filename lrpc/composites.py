@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from .errors import IncompatibleRuleError
-from .registry import Layer
+from .spec import Layer
 from .rules import (
     AlphaBetaRule,
     EpsilonRule,

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from .errors import LrpcError, UnsupportedModelError
 from .graph import Program, static_shape
 from .layers import LayerTable
-from .registry import Kind, Layer
+from .spec import TRANSPARENT, Layer
 from .rules import Rule
 from .symbolic import Emitter, Sym, add_all
 
@@ -44,15 +44,17 @@ def emit_relevance(
 
     pending: dict[str, list[Sym]] = {logits.name: [start]}
     for node in reversed(table.nodes):
-        parts = pending.pop(node.outputs[0].name, None)
-        if not parts:
+        arrived = [pending.pop(t.name, None) for t in node.outputs]
+        if not any(arrived):
             continue
-        relevance = add_all(parts)
+        relevances = [add_all(parts) if parts else None for parts in arrived]
         layer = table.by_node.get(id(node))
         if layer is None:
-            slots, incoming = _pass_unknown(em, node, table, relevance)
+            slots, incoming = _pass_unknown(em, node, table, relevances)
+        elif layer.spec.route_outputs is not None:
+            slots, incoming = layer.acts, layer.spec.route_outputs(em, layer, relevances)
         else:
-            slots, incoming = layer.acts, _propagate(em, layer, rules, relevance)
+            slots, incoming = layer.acts, _propagate(em, layer, rules, relevances[0])
         for slot, r in zip(slots, incoming):
             pending.setdefault(node.inputs[slot].name, []).append(r)
 
@@ -67,26 +69,34 @@ def emit_relevance(
 
 
 def _output_relevance(em: Emitter, logits, target, normalize: bool) -> Sym:
-    """One-hot of the explained class per sample; a negative target means the arg-max."""
-    best = em.op("ArgMax", [logits], {"axis": 1, "keepdims": 0}, dtype=np.int64)
+    """One-hot of the explained class per sample; a negative target means the arg-max.
+
+    Outputs shaped ``[N, K, 1, 1]`` (or any ``[N, ...]``) are explained over their
+    flattened classes.
+    """
+    flat = em.op("Flatten", [logits], {"axis": 1}, dtype=em.dtype)
+    best = em.op("ArgMax", [flat], {"axis": 1, "keepdims": 0}, dtype=np.int64)
     negative = em.op("Less", [target, em.const(0, np.int64)], dtype=np.bool_)
     chosen = em.op("Where", [negative, best, target], dtype=np.int64, hint="lrp_chosen_target")
-    depth = em.op("Shape", [logits], {"start": 1, "end": 2}, dtype=np.int64)
+    depth = em.op("Shape", [flat], {"start": 1, "end": 2}, dtype=np.int64)
     onehot = em.sym(em.op("OneHot", [chosen, depth, em.const([0.0, 1.0])], {"axis": -1}, dtype=em.dtype))
+    if static_shape(logits) is None or len(static_shape(logits)) != 2:
+        onehot = em.sym(em.op("Reshape", [onehot, em.shape_of(logits)], dtype=em.dtype))
     return onehot if normalize else onehot * em.sym(logits)
 
 
 def _propagate(em: Emitter, layer: Layer, rules: list[Rule], relevance: Sym) -> list[Sym]:
-    if layer.kind is Kind.ACTIVATION:
+    if layer.kind in TRANSPARENT:
         return layer.spec.route(em, layer, relevance)
     return rules[layer.index].propagate(em, layer, relevance)
 
 
-def _pass_unknown(em: Emitter, node: gs.Node, table: LayerTable, relevance: Sym):
+def _pass_unknown(em: Emitter, node: gs.Node, table: LayerTable, relevances: list):
     """skip_checks: an unknown op with one relevance input of the output's shape passes
     relevance through unchanged; anything else cannot be explained."""
     slots = [i for i, t in enumerate(node.inputs) if t.name in table.carriers]
-    if len(slots) == 1:
+    relevance = relevances[0]
+    if len(slots) == 1 and len(relevances) == 1:
         in_shape = static_shape(node.inputs[slots[0]])
         out_shape = static_shape(node.outputs[0])
         if in_shape is not None and in_shape == out_shape:

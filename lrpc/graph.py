@@ -148,13 +148,19 @@ def node_graph(graph: gs.Graph) -> nx.DiGraph:
     return g
 
 
-def relevance_path(graph: gs.Graph, input_name: str, start_name: str) -> tuple[list[gs.Node], set[str]]:
+def relevance_path(graph: gs.Graph, input_name: str, start_name: str, blocked=None) -> tuple[list[gs.Node], set[str]]:
     """Nodes and tensors on some path from the explained input to the relevance start.
 
     Returns the nodes in topological order and the names of the tensors that carry
-    relevance: those that depend on the input and lead to the start.
+    relevance: those that depend on the input and lead to the start. ``blocked(node,
+    slot)`` removes edges relevance never takes (a gate's input to its product).
     """
     g = node_graph(graph)
+    if blocked is not None:
+        for node in graph.nodes:
+            for slot, t in enumerate(node.inputs):
+                if t.name and blocked(node, slot):
+                    g.remove_edges_from([(("tensor", t.name), ("node", id(node)))])
     src, dst = ("tensor", input_name), ("tensor", start_name)
     if src not in g or dst not in g:
         return [], set()

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from .graph import Program, relevance_path
-from .registry import Kind, Layer, lookup
+from .registry import lookup
+from .spec import TRANSPARENT, Layer
 
 
 @dataclass
@@ -36,7 +37,7 @@ class LayerTable:
 
 
 def find_layers(program: Program) -> LayerTable:
-    nodes, carriers = relevance_path(program.graph, program.input_name, program.start_name)
+    nodes, carriers = relevance_path(program.graph, program.input_name, program.start_name, blocked=_blocked)
 
     layers: list[Layer] = []
     by_node: dict[int, Layer] = {}
@@ -56,7 +57,7 @@ def find_layers(program: Program) -> LayerTable:
                 else:
                     layer.param_values[role] = where
         by_node[id(node)] = layer
-        if spec.kind is not Kind.ACTIVATION:
+        if spec.kind not in TRANSPARENT:
             layer.index = len(layers)
             layers.append(layer)
     with_params = [layer for layer in layers if layer.has_params]
@@ -64,6 +65,12 @@ def find_layers(program: Program) -> LayerTable:
         with_params[0].is_first = True
         with_params[-1].is_last = True
     return LayerTable(nodes=nodes, carriers=carriers, layers=layers, by_node=by_node, unknown=unknown)
+
+
+def _blocked(node: gs.Node, slot: int) -> bool:
+    """Edges relevance never takes, as the op's spec says (the gate of a gating product)."""
+    spec = lookup(node.op)
+    return bool(spec and spec.blocks and spec.blocks(node, slot))
 
 
 def hierarchy(name: str) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from .registry import Kind, Layer
+from .spec import TRANSPARENT, Layer
 from .symbolic import Emitter, Sym, add_all, stabilize
 
 
@@ -87,7 +87,7 @@ class Rule:
         return stabilize(z, self.epsilon)
 
     def is_compatible(self, layer: Layer) -> bool:
-        if layer.spec.kind is Kind.ACTIVATION:
+        if layer.spec.kind in TRANSPARENT:
             return False
         if self.needs_weight and not layer.has_weight:
             return False

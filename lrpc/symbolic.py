@@ -76,6 +76,11 @@ class Emitter:
     def sym(self, tensor, nonneg: bool = False) -> "Sym":
         return Sym(self, tensor, nonneg=nonneg)
 
+    def filled(self, shape, value: float):
+        """``ConstantOfShape``: a tensor of the given runtime shape filled with ``value``."""
+        fill = gs.Constant(self.fresh("fill"), np.array([value], dtype=self.dtype))
+        return self.op("ConstantOfShape", [shape], {"value": fill}, dtype=self.dtype, hint="filled")
+
     # -- shape helpers used by several VJPs -------------------------------------------
     def shape_of(self, x) -> gs.Variable:
         return self.op("Shape", [x], dtype=np.int64)
@@ -109,14 +114,7 @@ class Sym:
         """The graph tensor; symbolic zeros/ones get a node only when needed."""
         if self._tensor is None:
             fill = 0.0 if self.kind == "zero" else 1.0
-            shape = self.em.shape_of(_tensor(self.like))
-            self._tensor = self.em.op(
-                "ConstantOfShape",
-                [shape],
-                {"value": gs.Constant(self.em.fresh("fill"), np.array([fill], dtype=self.em.dtype))},
-                dtype=self.em.dtype,
-                hint="ones" if fill else "zeros",
-            )
+            self._tensor = self.em.filled(self.em.shape_of(_tensor(self.like)), fill)
         return self._tensor
 
     @property

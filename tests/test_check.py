@@ -35,17 +35,17 @@ def test_supported_model_passes_the_check():
 
 
 def test_unsupported_nodes_are_all_named_with_their_reason():
-    model = with_node_before_output(with_node_before_output(small_cnn(), "Tanh"), "Softplus")
+    model = with_node_before_output(with_node_before_output(small_cnn(), "Tanh"), "Sigmoid")
     with pytest.raises(lrpc.UnsupportedModelError) as info:
         lrpc.compile(model)
     message = str(info.value)
     assert "/classifier/custom/Tanh" in message and "unsupported or unknown activation function Tanh" in message
-    assert "/classifier/custom/Softplus" in message
+    assert "/classifier/custom/Sigmoid" in message
     assert "LRP model check failed: 2 nodes" in message
     failures = {r.name: r.status for r in info.value.report.failures}
     assert failures == {
         "/classifier/custom/Tanh": "unsupported or unknown activation function Tanh",
-        "/classifier/custom/Softplus": "unsupported or unknown activation function Softplus",
+        "/classifier/custom/Sigmoid": "unsupported or unknown activation function Sigmoid",
     }
 
 

@@ -1,0 +1,6 @@
+"""Built-in op specs, one module per family; :mod:`lrpc.registry` collects them."""
+
+from . import elementwise, linear, pooling, shape
+
+BUILTIN = [*linear.SPECS, *pooling.SPECS, *elementwise.SPECS, *shape.SPECS]
+ACTIVATIONS = elementwise.ACTIVATIONS

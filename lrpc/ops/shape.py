@@ -1,0 +1,133 @@
+"""Ops that move values around: Concat, Split, Slice, Pad, reshapes and permutations."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import constant_value, static_shape
+from ..spec import Kind, OpSpec, first_input_only, identity_route, identity_vjp, text_attr, vjp_route
+from .pooling import reshape_back
+
+
+def _concat_vjp(em, layer, inputs, params, s):
+    node = layer.node
+    rank = len(static_shape(layer.output))
+    axis = int(node.attrs["axis"]) % rank
+    sizes = [em.op("Shape", [t], {"start": axis, "end": axis + 1}, dtype=np.int64) for t in node.inputs]
+    split = em.op("Concat", sizes, {"axis": 0}, dtype=np.int64)
+    parts = em.op("Split", [s, split], {"axis": axis}, num_outputs=len(node.inputs), dtype=em.dtype)
+    parts = parts if isinstance(parts, list) else [parts]
+    return [em.sym(parts[slot]) for slot in layer.acts]
+
+
+def _rank_known(node: gs.Node, acts: list[int]) -> str | None:
+    if static_shape(node.outputs[0]) is None:
+        return "output rank is unknown"
+    return None
+
+
+def _split_route(em, layer, relevances: list) -> list:
+    """Split's relevance is the concatenation of its outputs' (zeros where none arrived)."""
+    node = layer.node
+    rank = len(static_shape(layer.act()))
+    axis = int(node.attrs.get("axis", 0)) % rank
+    parts = [r if r is not None else em.sym(out).zeros_like() for r, out in zip(relevances, node.outputs)]
+    return [em.sym(em.op("Concat", parts, {"axis": axis}, dtype=em.dtype))]
+
+
+def _split_check(node: gs.Node, acts: list[int]) -> str | None:
+    if static_shape(node.inputs[0]) is None:
+        return "input rank is unknown"
+    return first_input_only(node, acts)
+
+
+def _reshape_vjp(em, layer, inputs, params, s):
+    return [reshape_back(em, layer, s)]
+
+
+def _transpose_vjp(em, layer, inputs, params, s):
+    perm = layer.node.attrs.get("perm")
+    if perm is None:
+        perm = list(reversed(range(len(static_shape(layer.act())))))
+    inverse = [int(i) for i in np.argsort(perm)]
+    return [em.sym(em.op("Transpose", [s], {"perm": inverse}, dtype=em.dtype))]
+
+
+def _slice_vjp(em, layer, inputs, params, s):
+    """Scatter ``s`` back to the positions the slice read: the same Slice applied to a
+    tensor of flat indices says where each output came from (any starts, ends, axes,
+    steps, negative or clamped)."""
+    node = layer.node
+    a = layer.act()
+    shape = em.shape_of(a)
+    count = em.op("ReduceProd", [shape], {"keepdims": 0}, dtype=np.int64)
+    flat_index = em.op("Range", [em.const(0, np.int64), count, em.const(1, np.int64)], dtype=np.int64)
+    index = em.op("Reshape", [flat_index, shape], dtype=np.int64)
+    picked = em.op("Slice", [index, *node.inputs[1:]], dtype=np.int64)
+    flat = em.ints([-1])
+    zeros = em.filled(em.op("Reshape", [count, em.ints([1])], dtype=np.int64), 0.0)
+    scattered = em.op(
+        "ScatterElements",
+        [zeros, em.op("Reshape", [picked, flat], dtype=np.int64), em.op("Reshape", [s, flat], dtype=em.dtype)],
+        {"axis": 0, "reduction": "add"},
+        dtype=em.dtype,
+    )
+    return [em.sym(em.op("Reshape", [scattered, shape], dtype=em.dtype))]
+
+
+def _slice_check(node: gs.Node, acts: list[int]) -> str | None:
+    if any(constant_value(t) is None for t in node.inputs[1:] if t.name):
+        return "its starts/ends/axes/steps are not constant"
+    return first_input_only(node, acts)
+
+
+def _pad_amounts(node: gs.Node):
+    pads = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+    if pads is None:
+        return None
+    rank = len(static_shape(node.inputs[0]))
+    axes = constant_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    begin = np.zeros(rank, dtype=np.int64)
+    begin[axes] = pads[: len(axes)]
+    end = np.zeros(rank, dtype=np.int64)
+    end[axes] = pads[len(axes):]
+    return begin, end
+
+
+def _pad_check(node: gs.Node, acts: list[int]) -> str | None:
+    if acts != [0]:
+        return "relevance must enter through the data input"
+    if text_attr(node, "mode", "constant") != "constant":
+        return f"only constant padding is supported (got mode {text_attr(node, 'mode', '')!r})"
+    if static_shape(node.inputs[0]) is None:
+        return "input rank is unknown"
+    amounts = _pad_amounts(node)
+    if amounts is None:
+        return "its pads are not constant"
+    if (amounts[0] < 0).any() or (amounts[1] < 0).any():
+        return "negative pads (cropping) are not supported"
+    return None
+
+
+def _pad_vjp(em, layer, inputs, params, s):
+    """The padded border took no input: the VJP crops it off again."""
+    begin, _ = _pad_amounts(layer.node)
+    ends = em.op("Add", [em.ints(begin), em.shape_of(layer.act())], dtype=np.int64)
+    return [em.sym(em.op("Slice", [s, em.ints(begin), ends], dtype=em.dtype))]
+
+
+SPECS = [
+    OpSpec("Concat", Kind.MERGE, _concat_vjp, check=_rank_known),
+    OpSpec("Split", Kind.ROUTING, route_outputs=_split_route, check=_split_check),
+    OpSpec("Slice", Kind.RESHAPING, _slice_vjp, route=vjp_route, check=_slice_check),
+    OpSpec("Pad", Kind.RESHAPING, _pad_vjp, route=vjp_route, check=_pad_check),
+    OpSpec("Reshape", Kind.RESHAPING, _reshape_vjp, route=vjp_route, check=first_input_only),
+    OpSpec("Flatten", Kind.RESHAPING, _reshape_vjp, route=vjp_route, check=first_input_only),
+    OpSpec("Squeeze", Kind.RESHAPING, _reshape_vjp, route=vjp_route, check=first_input_only),
+    OpSpec("Unsqueeze", Kind.RESHAPING, _reshape_vjp, route=vjp_route, check=first_input_only),
+    OpSpec("Transpose", Kind.RESHAPING, _transpose_vjp, route=vjp_route, check=_rank_known),
+    OpSpec("Identity", Kind.RESHAPING, identity_vjp, route=identity_route),
+    OpSpec("Dropout", Kind.DROPOUT, identity_vjp, route=identity_route, check=first_input_only),
+]

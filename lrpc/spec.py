@@ -1,0 +1,184 @@
+"""What an op is to LRP: :class:`OpSpec`, and :class:`Layer`, a node as rules see it.
+
+Every op that relevance can flow through has an :class:`OpSpec`:
+
+- ``kind``: linear layer with parameters, activation, pooling, reshaping, merge,
+  normalization, ... (what the model check reports and what type groups match);
+- ``params``: which of its inputs are parameters (``weight``, ``bias``) that rules modify;
+- ``forward``: the op applied to (rule-modified) inputs and parameters; by default a copy
+  of the node with those inputs swapped in;
+- ``vjp``: the vector-Jacobian product of the op's linear map, written with
+  :mod:`lrpc.symbolic` so it becomes ONNX nodes;
+- ``route``: how relevance moves through the op unchanged (PassRule; identity for
+  elementwise ops, the inverse reshape for shape ops), or None;
+- ``blocks``: inputs that never receive relevance although they depend on the input
+  (the gate of a gating multiplication).
+
+Rules never know about ops and ops never know about rules: the emitter combines the two
+with one generic formula (see :mod:`lrpc.rules`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+import onnx_graphsurgeon as gs
+
+from .symbolic import Emitter, Sym
+
+
+class Kind(str, Enum):
+    LINEAR = "linear layer"
+    AFFINE = "elementwise affine"
+    ACTIVATION = "activation"
+    POOLING = "pooling"
+    RESHAPING = "reshaping"
+    MERGE = "merge"
+    NORMALIZATION = "normalization"
+    DROPOUT = "dropout"
+    ROUTING = "routing"  # exact relevance routing, not a layer (Split)
+
+
+#: kinds that are not layers: relevance passes them by a fixed route, no rule applies
+TRANSPARENT = {Kind.ACTIVATION, Kind.ROUTING}
+
+
+@dataclass
+class Layer:
+    """One relevance-carrying node, as rules and VJPs see it."""
+
+    node: gs.Node
+    spec: "OpSpec"
+    acts: list[int]  # indices of node.inputs that carry relevance
+    index: int = -1  # flat layer index (activations have none)
+    is_first: bool = False
+    is_last: bool = False
+    param_slots: dict[str, int] = field(default_factory=dict)  # role -> input index
+    param_values: dict[str, gs.Tensor] = field(default_factory=dict)  # role -> tensor
+
+    @property
+    def name(self) -> str:
+        return self.node.name or f"{self.node.op}_{self.index}"
+
+    @property
+    def op_type(self) -> str:
+        return self.node.op
+
+    @property
+    def kind(self) -> "Kind":
+        return self.spec.kind
+
+    @property
+    def has_weight(self) -> bool:
+        return "weight" in self.param_values
+
+    @property
+    def has_params(self) -> bool:
+        return self.spec.kind is Kind.LINEAR and self.has_weight
+
+    def act(self, k: int = 0) -> gs.Tensor:
+        return self.node.inputs[self.acts[k]]
+
+    @property
+    def output(self) -> gs.Tensor:
+        return self.node.outputs[0]
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.op_type})"
+
+
+Forward = Callable[[Emitter, Layer, list, dict], Sym]
+Vjp = Callable[[Emitter, Layer, list, dict, Sym], list]
+Route = Callable[[Emitter, Layer, Sym], list]
+OutputsRoute = Callable[[Emitter, Layer, list], list]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    op_type: str
+    kind: Kind
+    vjp: Vjp | None = None
+    forward: Forward | None = None
+    params: Callable[[gs.Node, list[int]], dict[str, gs.Tensor | int]] | None = None
+    route: Route | None = None
+    linear: bool = True  # False for ops whose VJP depends on the input (MaxPool)
+    selects: bool = False  # every output is a copy of one input (MaxPool): z = a at the winner
+    check: Callable[[gs.Node, list[int]], str | None] | None = None
+    blocks: Callable[[gs.Node, int], bool] | None = None
+    #: multi-output ops (Split): relevance of every output (None where none) -> per input
+    route_outputs: OutputsRoute | None = None
+
+    def run_forward(self, em: Emitter, layer: Layer, inputs: list, params: dict) -> Sym:
+        return (self.forward or clone_forward)(em, layer, inputs, params)
+
+
+# -- generic pieces ------------------------------------------------------------------
+
+
+def clone_forward(em: Emitter, layer: Layer, inputs: list, params: dict) -> Sym:
+    """The node itself, with (modified) inputs and parameters swapped in."""
+    node = layer.node
+    new_inputs = list(node.inputs)
+    for k, slot in enumerate(layer.acts):
+        new_inputs[slot] = inputs[k]
+    for role, slot in layer.param_slots.items():
+        new_inputs[slot] = params[role]
+    nonneg = node.op in ("MaxPool", "AveragePool", "GlobalAveragePool", "Resize") and all(x.nonneg for x in inputs)
+    return em.sym(em.op(node.op, new_inputs, node.attrs, dtype=em.dtype, hint=node.op), nonneg=nonneg)
+
+
+def identity_route(em: Emitter, layer: Layer, R: Sym) -> list:
+    return [R]
+
+
+def vjp_route(em: Emitter, layer: Layer, R: Sym) -> list:
+    """PassRule on shape ops: relevance moves where the values moved (the op's own VJP)."""
+    return layer.spec.vjp(em, layer, [em.sym(layer.act(k)) for k in range(len(layer.acts))], {}, R)
+
+
+def identity_vjp(em, layer, inputs, params, s):
+    return [s]
+
+
+# -- parameters and checks shared by several ops ---------------------------------------
+
+
+def const_slots(*roles_by_slot):
+    """Parameters at fixed input slots: ``const_slots((1, "weight"), (2, "bias"))``."""
+
+    def params(node: gs.Node, acts: list[int]):
+        out = {}
+        for slot, role in roles_by_slot:
+            if slot < len(node.inputs) and node.inputs[slot].name and slot not in acts:
+                out[role] = slot
+        return out
+
+    return params
+
+
+def other_operand(role: str):
+    """Elementwise op with a constant: the non-relevance operand is the parameter."""
+
+    def params(node: gs.Node, acts: list[int]):
+        others = [i for i in range(len(node.inputs)) if i not in acts]
+        return {role: others[0]} if len(others) == 1 else {}
+
+    return params
+
+
+def first_input_only(node: gs.Node, acts: list[int]) -> str | None:
+    if acts != [0]:
+        return "relevance must enter through the first input"
+    return None
+
+
+def int_list(node: gs.Node, name: str, default):
+    value = node.attrs.get(name, default)
+    return list(value) if value is not None else None
+
+
+def text_attr(node: gs.Node, name: str, default: str) -> str:
+    value = node.attrs.get(name, default)
+    return value.decode() if isinstance(value, bytes) else value

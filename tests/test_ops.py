@@ -75,12 +75,12 @@ def flat(z):
     return z.reshape(z.shape[0], -1)
 
 
-def check_chain(model, x, steps, composite=None):
+def check_chain(model, x, steps, composite=None, target=None):
     acts = t(x)
     for fn, _ in steps:
         acts = fn(acts)
     rows, classes = acts.shape
-    target = np.arange(rows) % classes
+    target = np.arange(rows) % classes if target is None else np.asarray(target)
     logits_ref, R_ref = chain_reference(steps, x, target)
     logits, R = run_compiled(model, x, composite, target)
     np.testing.assert_allclose(logits, logits_ref, rtol=1e-4, atol=1e-4)
@@ -394,3 +394,166 @@ def test_standalone_batchnorm_epsilon_and_pass():
     check_chain(model, rand(2, 3, 2, 2), [(bn, "eps"), (flat, "eps")])
     composite = lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(EPS)), lrpc.GlobalTypeMap({lrpc.NormalizationLayer: lrpc.PassRule()}))
     check_chain(model, rand(2, 3, 2, 2), [(bn, "pass"), (flat, "eps")], composite)
+
+
+# -- ops for real-world graphs -----------------------------------------------------------
+
+
+def test_conv_transpose():
+    w, b = rand(3, 4, 3, 3), rand(4)  # [C_in, C_out, k, k]
+    model = build(
+        [helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1],
+                          output_padding=[1, 1]), flatten()],
+        {"w": w, "b": b}, (2, 3, 4, 4),
+    )
+    fn = lambda x: F.conv_transpose2d(x, t(w), t(b), stride=2, padding=1, output_padding=1)  # noqa: E731
+    check_chain(model, rand(2, 3, 4, 4), [(fn, "eps"), (flat, "eps")])
+
+
+def test_split_routes_each_part_and_zeros_the_unused_one():
+    model = build(
+        [
+            helper.make_node("Split", ["x", "sizes"], ["p0", "p1", "p2"], axis=1),
+            helper.make_node("Concat", ["p2", "p0"], ["y"], axis=1),
+            flatten(),
+        ],
+        {"sizes": np.array([1, 2, 1], dtype=np.int64)}, (2, 4, 3, 3),
+    )
+    x = rand(2, 4, 3, 3)
+    fn = lambda x: torch.cat([x[:, 3:4], x[:, 0:1]], 1)  # noqa: E731
+    check_chain(model, x, [(fn, "eps"), (flat, "eps")])
+    _, R = run_compiled(model, x, target=[0, 10])
+    assert np.all(R[:, 1:3] == 0)  # the middle part is never used
+
+
+@pytest.mark.parametrize(
+    "starts,ends,axes,steps",
+    [([1, 0], [3, 4], [2, 3], [1, 2]), ([-1], [-4], [3], [-1]), ([0], [100], [1], [1])],
+    ids=["steps", "negative", "clamped"],
+)
+def test_slice(starts, ends, axes, steps):
+    inits = {k: np.array(v, dtype=np.int64) for k, v in dict(s=starts, e=ends, a=axes, st=steps).items()}
+    model = build([helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["y"]), flatten()], inits, (2, 3, 4, 4))
+
+    def fn(x):
+        index = [slice(None)] * 4
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            index[a] = slice(s, e, st) if st > 0 else slice(s, None if e < -4 else e, st)
+        return x[tuple(index)] if all(st > 0 for st in steps) else torch.flip(x, [axes[0]])[..., :3]
+
+    check_chain(model, rand(2, 3, 4, 4), [(fn, "eps"), (flat, "eps")])
+
+
+def test_constant_pad():
+    model = build(
+        [helper.make_node("Pad", ["x", "pads", "value"], ["y"], mode="constant"), flatten()],
+        {"pads": np.array([0, 0, 1, 2, 0, 0, 2, 1], dtype=np.int64), "value": np.array(0.5, np.float32)},
+        (2, 3, 3, 3),
+    )
+    fn = lambda x: F.pad(x, (2, 1, 1, 2), value=0.5)  # noqa: E731
+    # targets inside the input (a padded position's relevance goes to the pad value)
+    check_chain(model, rand(2, 3, 3, 3), [(fn, "eps"), (flat, "eps")], target=[14, 50])
+
+
+@pytest.mark.parametrize("mode", ["asymmetric", "half_pixel"])
+def test_resize_nearest_integer_scale(mode):
+    nearest = "floor" if mode == "asymmetric" else "round_prefer_floor"
+    model = build(
+        [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="nearest", coordinate_transformation_mode=mode,
+                          nearest_mode=nearest), flatten()],
+        {"scales": np.array([1, 1, 2, 3], dtype=np.float32)}, (2, 3, 3, 2),
+    )
+    fn = lambda x: x.repeat_interleave(2, 2).repeat_interleave(3, 3)  # noqa: E731
+    check_chain(model, rand(2, 3, 3, 2), [(fn, "eps"), (flat, "eps")])
+
+
+def test_resize_that_is_not_a_block_copy_is_refused():
+    model = build(
+        [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear"), flatten()],
+        {"scales": np.array([1, 1, 2, 2], dtype=np.float32)}, (2, 3, 3, 3),
+    )
+    with pytest.raises(lrpc.UnsupportedModelError, match="only mode 'nearest'"):
+        lrpc.compile(model)
+
+
+@pytest.mark.parametrize("op", ["LRN", "InstanceNormalization"])
+def test_data_dependent_normalizations_pass_relevance(op):
+    if op == "LRN":
+        node = helper.make_node("LRN", ["x"], ["y"], size=3)
+        inits = {}
+    else:
+        node = helper.make_node("InstanceNormalization", ["x", "sc", "bi"], ["y"])
+        inits = {"sc": rand(3), "bi": rand(3)}
+    model = build([node, flatten()], inits, (2, 3, 4, 4))
+    x = rand(2, 3, 4, 4)
+    for rule in (lrpc.PassRule(), lrpc.EpsilonRule(1e-9)):
+        composite = lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(1e-9)), lrpc.GlobalTypeMap({op: rule}))
+        _, R = run_compiled(model, x, composite, target=[3, 7])
+        expected = np.zeros((2, 48))
+        expected[0, 3] = expected[1, 7] = 1.0
+        np.testing.assert_allclose(R.reshape(2, -1), expected, atol=1e-4)
+
+
+def test_gating_product_sends_all_relevance_to_the_signal():
+    """Squeeze-and-excitation: y = x * Sigmoid(conv(mean(x))); the gate branch gets none."""
+    w = rand(3, 3, 1, 1)
+    model = build(
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["m"]),
+            helper.make_node("Conv", ["m", "w"], ["g0"]),
+            helper.make_node("Sigmoid", ["g0"], ["g"]),
+            helper.make_node("Mul", ["x", "g"], ["y"]),
+            flatten(),
+        ],
+        {"w": w}, (2, 3, 4, 4),
+    )
+    x = rand(2, 3, 4, 4)
+    _, R = run_compiled(model, x, lrpc.Composite(lrpc.GlobalMap(lrpc.ZeroRule())), target=[5, 40])
+    expected = np.zeros((2, 48))
+    expected[0, 5] = expected[1, 40] = 1.0
+    np.testing.assert_allclose(R.reshape(2, -1), expected, atol=1e-5)
+    layers = [layer.op_type for layer, _ in lrpc.lrp_rules(model, lrpc.Composite())]
+    assert layers == ["Mul", "Flatten"]  # the gate branch carries no relevance
+
+
+def test_dynamic_spatial_size():
+    """[N, 3, H, W] with H, W unknown: one compiled file explains 6x6 and 9x7 inputs."""
+    w = rand(4, 3, 3, 3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("AveragePool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["p"], ["q"], kernel_shape=[2, 2], strides=[1, 1]),
+        helper.make_node("GlobalAveragePool", ["q"], ["g"]),
+        flatten("g"),
+    ]
+    graph = helper.make_graph(
+        nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    steps = [
+        (lambda x: torch.relu(F.conv2d(x, t(w), stride=2, padding=1)), "eps"),
+        (lambda r: F.avg_pool2d(r, 2, 2, padding=1, count_include_pad=False), "eps"),
+        (lambda p: F.max_pool2d(p, 2, 1), "eps"),
+        (lambda q: q.mean((2, 3)), "eps"),
+    ]
+    for shape in [(2, 3, 6, 6), (2, 3, 9, 7)]:
+        check_chain(model, rand(*shape), steps)
+
+
+def test_output_shaped_n_k_1_1():
+    w = rand(5, 3, 1, 1)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["g"]), helper.make_node("Conv", ["g", "w"], ["logits"])],
+        "nk11", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5, 1, 1])], [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rand(2, 3, 4, 4)
+    steps = [(lambda x: x.mean((2, 3), keepdim=True), "eps"), (lambda g: F.conv2d(g, t(w)).reshape(2, 5), "eps")]
+    logits, R = run_compiled(model, x, target=[1, 4])
+    assert logits.shape == (2, 5, 1, 1)
+    _, ref = chain_reference(steps, x, np.array([1, 4]))
+    assert np.abs(R - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -93,8 +93,12 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
                      f"relevance start must be [batch, classes, ...], got rank {len(shape)}")
         )
     if not table.nodes:
-        rows.append(CheckRow("", program.input_name, "(input)", "input",
-                             f"the output {program.start_name!r} does not depend on this input"))
+        reason = (
+            "the model has no layers between its input and the stripped softmax: nothing to explain"
+            if program.start_name == program.input_name
+            else f"the output {program.start_name!r} does not depend on this input"
+        )
+        rows.append(CheckRow("", program.input_name, "(input)", "input", reason))
     return CheckReport(rows, program.input_name, program.start_name)
 
 

@@ -26,6 +26,9 @@ from .errors import ModelLoadError
 # which onnx 1.23 writes by default.
 MAX_IR_VERSION = 13
 
+# Domain of the nodes that stand for a fused exporter pattern during analysis.
+FUSED_DOMAIN = "lrpc.fused"
+
 
 def load_model(source) -> onnx.ModelProto:
     """Read and validate an ONNX model from a path or a ``ModelProto``."""
@@ -97,6 +100,8 @@ class Program:
     output_name: str = ""  # the model output whose class is explained
     start_name: str = ""  # tensor where relevance starts (logits)
     notes: list[str] = field(default_factory=list)
+    # fused node -> the original nodes with their inputs and outputs (see fuse())
+    fused: dict[int, list[tuple[gs.Node, list, list]]] = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> "Program":
@@ -104,7 +109,45 @@ class Program:
         graph = gs.import_onnx(model)
         return cls(graph=graph, ir_version=model.ir_version, opset=opset)
 
+    # -- fusion: exporter patterns seen as one op, restored before export ------------------
+    def fuse(self, nodes: list[gs.Node], op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
+        """Replace ``nodes`` by one node of the ``lrpc.fused`` domain (for analysis only).
+
+        Relevance treats the pattern as one op (``x * Sigmoid(x)`` is one SiLU
+        activation). :meth:`to_model` puts the original nodes back, so the compiled
+        file computes the forward pass exactly as the input model did and contains only
+        standard ops.
+        """
+        saved = [(n, list(n.inputs), list(n.outputs)) for n in nodes]
+        for n in nodes:
+            n.inputs.clear()
+            n.outputs.clear()
+        ids = {id(n) for n in nodes}
+        self.graph.nodes = [n for n in self.graph.nodes if id(n) not in ids]
+        root = saved[0][0]
+        base = (root.name.rsplit("/", 1)[0] + "/" if "/" in (root.name or "") else "") or "/"
+        node = gs.Node(op=op, name=f"{base}{op}", domain=FUSED_DOMAIN, inputs=list(inputs),
+                       outputs=list(outputs), attrs=dict(attrs or {}))
+        self.graph.nodes.append(node)
+        self.graph.toposort()
+        self.fused[id(node)] = saved
+        return node
+
+    def unfuse(self) -> None:
+        """Put every fused pattern's original nodes back."""
+        for node in [n for n in self.graph.nodes if id(n) in self.fused]:
+            saved = self.fused.pop(id(node))
+            node.inputs.clear()
+            node.outputs.clear()
+            self.graph.nodes.remove(node)
+            for original, inputs, outputs in saved:
+                original.inputs.extend(inputs)
+                original.outputs.extend(outputs)
+                self.graph.nodes.append(original)
+        self.graph.toposort()
+
     def to_model(self) -> onnx.ModelProto:
+        self.unfuse()
         self.graph.opset = self.opset
         model = gs.export_onnx(self.graph, do_type_check=False)
         # IR 4 is the first that lets initializers stay out of the graph inputs, which is

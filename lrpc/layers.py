@@ -67,8 +67,15 @@ def find_layers(program: Program) -> LayerTable:
     return LayerTable(nodes=nodes, carriers=carriers, layers=layers, by_node=by_node, unknown=unknown)
 
 
+#: ops that read only an input's shape (or its arg-max), never its values
+SHAPE_READERS = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "EyeLike", "ConstantOfShape"}
+
+
 def _blocked(node: gs.Node, slot: int) -> bool:
-    """Edges relevance never takes, as the op's spec says (the gate of a gating product)."""
+    """Edges relevance never takes: into shape computations, and those the op's spec
+    names (the gate of a gating product)."""
+    if node.op in SHAPE_READERS:
+        return True
     spec = lookup(node.op)
     return bool(spec and spec.blocks and spec.blocks(node, slot))
 

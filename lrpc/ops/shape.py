@@ -118,7 +118,17 @@ def _pad_vjp(em, layer, inputs, params, s):
     return [em.sym(em.op("Slice", [s, em.ints(begin), ends], dtype=em.dtype))]
 
 
+def _cast_check(node: gs.Node, acts: list[int]) -> str | None:
+    from onnx import helper
+
+    to = np.dtype(helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    if to.kind != "f":
+        return f"relevance cannot pass a cast to {to}"
+    return None
+
+
 SPECS = [
+    OpSpec("Cast", Kind.ROUTING, identity_vjp, route=identity_route, check=_cast_check),
     OpSpec("Concat", Kind.MERGE, _concat_vjp, check=_rank_known),
     OpSpec("Split", Kind.ROUTING, route_outputs=_split_route, check=_split_check),
     OpSpec("Slice", Kind.RESHAPING, _slice_vjp, route=vjp_route, check=_slice_check),

@@ -1,18 +1,21 @@
 """Canonizing passes: each a small function ``Program -> Program`` with its own test.
 
 :func:`canonize` runs them in the order that lets each one rely on the previous:
-opset upgrade, shape inference, constant folding, Identity/Dropout removal, constant
-arithmetic in affine form, BatchNorm fusion, shape inference again (the emitter reads
-static shapes), then choosing the explained input and the relevance start (the logits
-before a final Softmax/LogSoftmax).
+function inlining, opset upgrade, shape inference, constant folding, Identity/Dropout
+removal, constant arithmetic in affine form, per-channel affine and BatchNorm fusion into
+the layer before, shape inference again (the emitter reads static shapes), choosing the
+explained input and the relevance start (the logits before a final Softmax/LogSoftmax),
+and last the exporter patterns fused into one op (LayerNorm, GELU, HardSwish, SiLU).
 """
 
 from __future__ import annotations
 
 from ..graph import Program
 from .affine import constant_arithmetic_to_affine
-from .batchnorm import fuse_batchnorm
+from .batchnorm import fuse_affine, fuse_batchnorm
 from .constants import fold_constants
+from .functions import inline_functions
+from .fusion import fuse_gelu, fuse_hardswish, fuse_layernorm, fuse_silu
 from .identity import remove_identity
 from .io import select_input, strip_softmax
 from .opset import upgrade_opset
@@ -22,7 +25,13 @@ __all__ = [
     "canonize",
     "constant_arithmetic_to_affine",
     "fold_constants",
+    "fuse_affine",
     "fuse_batchnorm",
+    "fuse_gelu",
+    "fuse_hardswish",
+    "fuse_layernorm",
+    "fuse_silu",
+    "inline_functions",
     "infer_shapes",
     "remove_identity",
     "select_input",
@@ -32,13 +41,18 @@ __all__ = [
 
 
 def canonize(program: Program, input_name: str | None = None, output_name: str | None = None) -> Program:
+    program = inline_functions(program)
     program = upgrade_opset(program)
     program = infer_shapes(program)
     program = fold_constants(program)
     program = remove_identity(program)
     program = constant_arithmetic_to_affine(program)
+    program = fuse_affine(program)
     program = fuse_batchnorm(program)
     program = infer_shapes(program)
     program = select_input(program, input_name)
     program = strip_softmax(program, output_name)
+    # pattern fusion comes last: fused nodes live only until the compiled model is written
+    for fuse in (fuse_layernorm, fuse_gelu, fuse_hardswish, fuse_silu):
+        program = fuse(program)
     return program

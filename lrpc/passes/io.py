@@ -7,6 +7,8 @@ file still returns the model's own outputs, softmax and all.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import LrpcError
 from ..graph import Program
 
@@ -27,12 +29,21 @@ def select_input(program: Program, name: str | None = None) -> Program:
     return program
 
 
+def _default_output(outputs):
+    """The first floating-point output of rank >= 2 (scores, not a label), else the first."""
+    for t in outputs:
+        dtype = np.dtype(t.dtype) if t.dtype is not None else None
+        if (dtype is None or dtype.kind == "f") and (t.shape is None or len(t.shape) >= 2):
+            return t
+    return outputs[0]
+
+
 def strip_softmax(program: Program, output: str | None = None) -> Program:
     graph = program.graph
     names = [t.name for t in graph.outputs]
     if output is not None and output not in names:
         raise LrpcError(f"output {output!r} not found; the model's outputs are {names}")
-    tensor = graph.outputs[names.index(output) if output else 0]
+    tensor = graph.outputs[names.index(output)] if output else _default_output(graph.outputs)
     program.output_name = tensor.name
     while len(tensor.inputs) == 1 and tensor.inputs[0].op in SOFTMAX | {"Identity"}:
         node = tensor.inputs[0]

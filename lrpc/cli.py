@@ -69,6 +69,7 @@ def cmd_compile(args) -> int:
         input_name=args.input_name, output_name=args.output_name,
         normalize_output_relevance=not args.no_normalize_output_relevance,
         skip_checks=args.skip_checks,
+        external_data=True if args.external_data else None,
     )
     if not args.quiet:
         print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB): outputs = model outputs + 'relevance'")
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="output_file", help="output file (default: MODEL.lrp.onnx)")
     p.add_argument("--no-normalize-output-relevance", action="store_true",
                    help="start from the explained logit instead of 1")
+    p.add_argument("--external-data", action="store_true",
+                   help="write the weights to OUT.data beside the model (automatic near 2 GiB)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=cmd_compile)
 

@@ -139,10 +139,11 @@ def emit_model(analysis: Analysis, normalize_output_relevance: bool = True) -> o
     return out
 
 
-def compile_file(src, dst, composite=None, **kwargs) -> Path:
-    """Compile ``src`` and write the result atomically to ``dst``."""
+def compile_file(src, dst, composite=None, external_data: bool | None = None, **kwargs) -> Path:
+    """Compile ``src`` and write the result atomically to ``dst`` (weights in
+    ``dst.data`` with ``external_data``, automatically for models near 2 GiB)."""
     model = compile(src, composite, **kwargs)
-    return save_model(model, dst)
+    return save_model(model, dst, external_data=external_data)
 
 
 def lrp_rules(model, composite=None, **kwargs) -> list[tuple[Layer, Rule]]:

@@ -82,11 +82,35 @@ def atomic_path(path):
         raise
 
 
-def save_model(model: onnx.ModelProto, path) -> Path:
-    """Write a model atomically."""
-    with atomic_path(path) as tmp:
-        onnx.save(model, tmp)
-    return Path(path)
+# protobuf cannot serialize messages of 2 GiB or more; weights beyond this go to a side file
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+
+
+def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> Path:
+    """Write a model atomically; with ``external_data`` (automatic for models near the
+    2 GiB protobuf limit) the weights go to ``<name>.data`` beside it."""
+    path = Path(path)
+    if external_data is None:
+        external_data = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data:
+        with atomic_path(path) as tmp:
+            onnx.save(model, tmp)
+        return path
+    data_name = f"{path.name}.data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
+        staged = Path(staging) / path.name
+        onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=0)
+        # the data first: a model file never points at a missing or stale data file
+        if (Path(staging) / data_name).exists():
+            os.replace(Path(staging) / data_name, path.parent / data_name)
+        os.replace(staged, path)
+    return path
 
 
 @dataclass

@@ -202,8 +202,9 @@ def _fuse_pattern(program: Program, roots: tuple, matcher) -> Program:
         if found is None or not pattern.private(outputs):
             continue
         op, x, attrs = found
-        program.fuse(pattern.nodes, op, [x], [root.outputs[0]], attrs)
-        program.notes.append(f"fused {len(pattern.nodes)} nodes into {op} at {root.outputs[0].name!r}")
+        output = root.outputs[0]
+        program.fuse(pattern.nodes, op, [x], [output], attrs)
+        program.notes.append(f"fused {len(pattern.nodes)} nodes into {op} at {output.name!r}")
     return program
 
 

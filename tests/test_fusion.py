@@ -1,0 +1,202 @@
+"""Exporter patterns fused into one op (a test per pattern), affine folding, inlining.
+
+Each pattern sits between two dense layers. After canonizing, the layer list shows one
+activation (or normalization) instead of the primitive ops; the compiled file still
+computes the original forward pass with standard ops only, and relevance passes the
+fused activation unchanged, as through any activation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+import lrpc
+from lrpc.compiler import analyze_model
+from lrpc.graph import FUSED_DOMAIN
+from support.cases import build, check_chain, rand, t
+
+W1, W2 = rand(6, 5), rand(5, 3)
+
+
+def c(name, value):
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+def between_dense(pattern_nodes, constants, out="a"):
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), *pattern_nodes,
+             helper.make_node("MatMul", [out, "w2"], ["logits"])]
+    model = build(nodes, {"w1": W1, "w2": W2}, (4, 6))
+    model.graph.initializer.extend(constants)
+    return model
+
+
+PATTERNS = {
+    "hardswish_clip": (
+        [helper.make_node("Add", ["h", "three"], ["h3"]), helper.make_node("Clip", ["h3", "zero", "six"], ["r6"]),
+         helper.make_node("Mul", ["h", "r6"], ["m"]), helper.make_node("Div", ["m", "six"], ["a"])],
+        [c("three", 3.0), c("zero", 0.0), c("six", 6.0)], "HardSwish",
+        lambda h: h * torch.clamp(h + 3, 0, 6) / 6,
+    ),
+    "hardswish_hardsigmoid": (
+        [helper.make_node("HardSigmoid", ["h"], ["hs"], alpha=1 / 6, beta=0.5), helper.make_node("Mul", ["hs", "h"], ["a"])],
+        [], "HardSwish", lambda h: h * torch.clamp(h / 6 + 0.5, 0, 1),
+    ),
+    "silu": (
+        [helper.make_node("Sigmoid", ["h"], ["s"]), helper.make_node("Mul", ["h", "s"], ["a"])],
+        [], "SiLU", lambda h: h * torch.sigmoid(h),
+    ),
+    "gelu_erf": (
+        [helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+         helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["m"]),
+         helper.make_node("Mul", ["m", "half"], ["a"])],
+        [c("sqrt2", math.sqrt(2)), c("one", 1.0), c("half", 0.5)], "Gelu",
+        lambda h: 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),
+    ),
+    "gelu_tanh": (
+        [helper.make_node("Pow", ["h", "three"], ["p"]), helper.make_node("Mul", ["k", "p"], ["kp"]),
+         helper.make_node("Add", ["h", "kp"], ["inner"]), helper.make_node("Mul", ["inner", "s2pi"], ["scaled"]),
+         helper.make_node("Tanh", ["scaled"], ["th"]), helper.make_node("Add", ["one", "th"], ["t1"]),
+         helper.make_node("Mul", ["half", "h"], ["hh"]), helper.make_node("Mul", ["hh", "t1"], ["a"])],
+        [c("three", 3.0), c("k", 0.044715), c("s2pi", math.sqrt(2 / math.pi)), c("one", 1.0), c("half", 0.5)],
+        "Gelu", lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_activation_patterns_are_fused(name):
+    nodes, constants, op, fn = PATTERNS[name]
+    model = between_dense(nodes, constants)
+    analysis = analyze_model(model, lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(1e-6))))
+    fused = [n for n in analysis.program.graph.nodes if n.domain == FUSED_DOMAIN]
+    assert [n.op for n in fused] == [op]
+    assert [row.op_type for row in analysis.report.rows] == ["MatMul", op, "MatMul"]
+    # relevance passes the activation unchanged; the forward pass is the original one
+    x = rand(4, 6)
+    check_chain(model, x, [(lambda x: x @ t(W1), "eps"), (fn, "pass"), (lambda a: a @ t(W2), "eps")])
+    # the compiled file has the pattern's own nodes back (check_chain compared its outputs)
+    compiled = lrpc.compile(model)
+    assert all(n.domain in ("", "ai.onnx") for n in compiled.graph.node)
+    forward = [n.op_type for n in compiled.graph.node if not n.name.startswith("lrp/")]
+    assert op not in forward and {n.op_type for n in nodes} - {"Div"} <= set(forward)
+
+
+def test_a_pattern_whose_inside_is_used_elsewhere_is_not_fused():
+    nodes, constants, _, _ = PATTERNS["silu"]
+    model = between_dense(nodes + [helper.make_node("Add", ["a", "s"], ["a2"])], constants, out="a2")
+    analysis = analyze_model(model, skip_checks=True)
+    assert not [n for n in analysis.program.graph.nodes if n.domain == FUSED_DOMAIN]
+
+
+def test_gelu_with_other_constants_is_not_gelu():
+    nodes, constants, _, _ = PATTERNS["gelu_erf"]
+    constants = [c("sqrt2", 2.0), c("one", 1.0), c("half", 0.5)]
+    analysis = analyze_model(between_dense(nodes, constants), skip_checks=True)
+    assert "Gelu" not in {n.op for n in analysis.program.graph.nodes}
+
+
+def test_layernorm_pattern_is_recognized_by_name():
+    nodes = [
+        helper.make_node("ReduceMean", ["h", "axes"], ["mu"]),
+        helper.make_node("Sub", ["h", "mu"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["d2"]),
+        helper.make_node("ReduceMean", ["d2", "axes"], ["var"]),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["sd"]),
+        helper.make_node("Div", ["d", "sd"], ["a"], name="/encoder/norm/Div"),
+    ]
+    constants = [numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes"), c("two", 2.0), c("eps", 1e-5)]
+    model = between_dense(nodes, constants)
+    model.opset_import[0].version = 18  # ReduceMean takes axes as an input
+    with pytest.raises(lrpc.UnsupportedModelError) as info:
+        lrpc.compile(model)
+    row = info.value.report.failures[0]
+    assert (row.name, row.op_type, row.kind) == ("/encoder/norm/LayerNormalization", "LayerNormalization", "normalization")
+    assert "LayerNormRule" in row.status
+    # with skip_checks it passes relevance through, and the file keeps the original ops
+    compiled = lrpc.compile(model, skip_checks=True)
+    assert "Sqrt" in {n.op_type for n in compiled.graph.node}
+    x = rand(4, 6)
+    sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    h = x @ W1
+    a = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(sess.run(["logits"], {"x": x})[0], a @ W2, rtol=1e-4, atol=1e-5)
+
+
+# -- per-channel affine after Conv / BatchNorm ---------------------------------------------
+
+
+def test_affine_after_batchnorm_and_conv_folds_away():
+    """Conv -> BatchNormalization (no affine) -> Mul(gamma) -> Add(beta): one Conv."""
+    w, b = rand(4, 3, 3, 3), rand(4)
+    mean, var = rand(4), rand(4, positive=True)
+    gamma, beta = rand(4, 1, 1), rand(4, 1, 1)
+    scale2, shift2 = rand(1, 4, 1, 1), rand(4, 1, 1)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "ones", "zeros", "mean", "var"], ["n"]),
+        helper.make_node("Unsqueeze", ["g1", "ax"], ["g"]),
+        helper.make_node("Mul", ["n", "g"], ["nm"]),
+        helper.make_node("Add", ["nm", "beta"], ["y"]),
+        helper.make_node("Relu", ["y"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["c2"]),
+        helper.make_node("Mul", ["c2", "scale2"], ["c2m"]),
+        helper.make_node("Add", ["shift2", "c2m"], ["c2a"]),
+        helper.make_node("Flatten", ["c2a"], ["logits"]),
+    ]
+    inits = {"w": w, "b": b, "ones": np.ones(4, np.float32), "zeros": np.zeros(4, np.float32), "mean": mean,
+             "var": var, "g1": gamma.reshape(4, 1), "ax": np.array([2], dtype=np.int64), "beta": beta,
+             "w2": rand(4, 4, 1, 1), "scale2": scale2, "shift2": shift2}
+    model = build(nodes, inits, (2, 3, 4, 4))
+    analysis = analyze_model(model, lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule())))
+    assert [layer.op_type for layer in analysis.table.layers] == ["Conv", "Conv", "Flatten"]
+    x = rand(2, 3, 4, 4)
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    folded = ort.InferenceSession(analysis.program.to_model().SerializeToString(),
+                                  providers=["CPUExecutionProvider"]).run(["logits"], {"x": x})[0]
+    np.testing.assert_allclose(folded, original, rtol=1e-4, atol=1e-5)
+
+
+# -- model-local functions ---------------------------------------------------------------
+
+
+def test_model_local_functions_are_inlined():
+    body = [helper.make_node("MatMul", ["X", "W"], ["H"]), helper.make_node("Relu", ["H"], ["Y"])]
+    function = onnx.helper.make_function("custom", "DenseRelu", ["X", "W"], ["Y"], body,
+                                         [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("DenseRelu", ["x", "w1"], ["a"], domain="custom"),
+             helper.make_node("MatMul", ["a", "w2"], ["logits"])]
+    model = build(nodes, {"w1": W1, "w2": W2}, (4, 6))
+    model.opset_import.append(helper.make_opsetid("custom", 1))
+    model.functions.append(function)
+    layers = [layer.op_type for layer, _ in lrpc.lrp_rules(model, lrpc.Composite())]
+    assert layers == ["MatMul", "MatMul"]
+    check_chain(model, rand(4, 6), [(lambda x: torch.relu(x @ t(W1)), "eps"), (lambda a: a @ t(W2), "eps")])
+
+
+# -- external data -------------------------------------------------------------------------
+
+
+def test_external_data_in_and_out(tmp_path):
+    model = between_dense([helper.make_node("Relu", ["h"], ["a"])], [])
+    src = tmp_path / "in" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, src, save_as_external_data=True, location="model.weights", size_threshold=0)
+    assert (tmp_path / "in" / "model.weights").exists()
+    dst = tmp_path / "out" / "model.lrp.onnx"
+    lrpc.compile_file(src, dst, external_data=True)
+    assert (tmp_path / "out" / "model.lrp.onnx.data").exists()
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["model.lrp.onnx", "model.lrp.onnx.data"]
+    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    x = rand(4, 6)
+    logits, relevance = sess.run(None, {"x": x})
+    np.testing.assert_allclose(logits, np.maximum(x @ W1, 0) @ W2, rtol=1e-4, atol=1e-5)
+    assert relevance.shape == x.shape
+

@@ -114,6 +114,7 @@ def emit_model(analysis: Analysis, normalize_output_relevance: bool = True) -> o
     target, relevance = emit_relevance(program, analysis.table, analysis.rules, normalize_output_relevance)
     graph.inputs.append(target)
     graph.outputs.append(relevance)
+    program.unfuse()  # before cleanup: fused patterns may own the only reader of a tensor
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = program.to_model()
     # lrp_target defaults to [-1] ("explain the arg-max") so callers may omit it.

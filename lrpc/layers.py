@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from .graph import Program, relevance_path
 from .registry import lookup
-from .spec import TRANSPARENT, Layer
+from .spec import SHAPE_READERS, TRANSPARENT, Layer
 
 
 @dataclass
@@ -65,10 +65,6 @@ def find_layers(program: Program) -> LayerTable:
         with_params[0].is_first = True
         with_params[-1].is_last = True
     return LayerTable(nodes=nodes, carriers=carriers, layers=layers, by_node=by_node, unknown=unknown)
-
-
-#: ops that read only an input's shape (or its arg-max), never its values
-SHAPE_READERS = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "EyeLike", "ConstantOfShape"}
 
 
 def _blocked(node: gs.Node, slot: int) -> bool:

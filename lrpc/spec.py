@@ -44,6 +44,9 @@ class Kind(str, Enum):
 #: kinds that are not layers: relevance passes them by a fixed route, no rule applies
 TRANSPARENT = {Kind.ACTIVATION, Kind.ROUTING}
 
+#: ops that read only an input's shape (or its arg-max), never its values: no relevance
+SHAPE_READERS = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "EyeLike", "ConstantOfShape"}
+
 
 @dataclass
 class Layer:

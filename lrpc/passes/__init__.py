@@ -5,7 +5,7 @@ function inlining, opset upgrade, shape inference, constant folding, Identity/Dr
 removal, constant arithmetic in affine form, per-channel affine and BatchNorm fusion into
 the layer before, shape inference again (the emitter reads static shapes), choosing the
 explained input and the relevance start (the logits before a final Softmax/LogSoftmax),
-and last the exporter patterns fused into one op (LayerNorm, GELU, HardSwish, SiLU).
+and last the exporter patterns fused into one op (LayerNorm, LRN, GELU, HardSwish, SiLU).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .affine import constant_arithmetic_to_affine
 from .batchnorm import fuse_affine, fuse_batchnorm
 from .constants import fold_constants
 from .functions import inline_functions
-from .fusion import fuse_gelu, fuse_hardswish, fuse_layernorm, fuse_silu
+from .fusion import fuse_gelu, fuse_hardswish, fuse_layernorm, fuse_lrn, fuse_silu
 from .identity import remove_identity
 from .io import select_input, strip_softmax
 from .opset import upgrade_opset
@@ -30,6 +30,7 @@ __all__ = [
     "fuse_gelu",
     "fuse_hardswish",
     "fuse_layernorm",
+    "fuse_lrn",
     "fuse_silu",
     "inline_functions",
     "infer_shapes",
@@ -53,6 +54,6 @@ def canonize(program: Program, input_name: str | None = None, output_name: str |
     program = select_input(program, input_name)
     program = strip_softmax(program, output_name)
     # pattern fusion comes last: fused nodes live only until the compiled model is written
-    for fuse in (fuse_layernorm, fuse_gelu, fuse_hardswish, fuse_silu):
+    for fuse in (fuse_layernorm, fuse_lrn, fuse_gelu, fuse_hardswish, fuse_silu):
         program = fuse(program)
     return program

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import Program, constant_value
+from ..spec import SHAPE_READERS
 
 
 class _Pattern:
@@ -28,6 +29,7 @@ class _Pattern:
     def __init__(self, root: gs.Node):
         self.root = root
         self.nodes: list[gs.Node] = [root]
+        self.subgraph_nodes: set[int] = set()  # nodes inside a covered If's branches
 
     def producer(self, tensor, op: str | tuple) -> gs.Node | None:
         """The node producing ``tensor`` if it is an ``op`` node; it joins the pattern."""
@@ -55,13 +57,15 @@ class _Pattern:
         del self.nodes[mark:]
 
     def private(self, graph_outputs: set) -> bool:
-        """Every tensor made inside the pattern is used only inside it."""
-        inside = {id(n) for n in self.nodes}
+        """Every tensor made inside the pattern is used only inside it (or only for its
+        shape: exporters compute reshape targets from intermediate shapes)."""
+        inside = {id(n) for n in self.nodes} | self.subgraph_nodes
         for node in self.nodes:
+            if node is self.root:
+                continue
             for t in node.outputs:
-                if node is self.root:
-                    continue
-                if t.name in graph_outputs or any(id(c) not in inside for c in t.outputs):
+                outside = [c for c in t.outputs if id(c) not in inside and c.op not in SHAPE_READERS]
+                if t.name in graph_outputs or outside:
                     return False
         return True
 
@@ -184,6 +188,59 @@ def _layernorm(p: _Pattern):
     return "LayerNormalization", x, {"axis": min(axes[0]), "epsilon": float(np.ravel(eps)[0])}
 
 
+# single-input ops torch puts between x² and the window sum of its LRN decomposition
+_LRN_WINDOW_OPS = ("Reshape", "Pad", "AveragePool", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+
+
+def _lrn(p: _Pattern):
+    """x / (k + alpha · avgpool_window(x²))^beta: torch's LocalResponseNorm, spelled out."""
+    if p.root.op != "Div":
+        return None
+    x, denominator = p.root.inputs
+    power = p.producer(denominator, "Pow")
+    if power is None or constant_value(power.inputs[1]) is None:
+        return None
+    terms = p.spread(power.inputs[0], "Add")
+    if len(terms) != 2 or _take(terms, lambda t: constant_value(t) is not None and constant_value(t).size == 1) is None:
+        return None
+    factors = p.spread(terms[0], "Mul")
+    if len(factors) != 2 or _take(factors, lambda t: constant_value(t) is not None and constant_value(t).size == 1) is None:
+        return None
+    tensor, window = factors[0], False
+    while True:
+        node = p.producer(tensor, _LRN_WINDOW_OPS + ("Mul", "Pow", "If"))
+        if node is None:
+            return None
+        if node.op == "If":  # the legacy exporter squeezes through an If on a shape test
+            tensor = _if_passthrough(p, node)
+            if tensor is None:
+                return None
+            continue
+        if node.op == "Mul":
+            return ("LRN", x, {}) if window and list(node.inputs) == [x, x] else None
+        if node.op == "Pow":
+            return ("LRN", x, {}) if window and node.inputs[0] is x and _scalar(node.inputs[1], 2.0) else None
+        window = window or node.op == "AveragePool"
+        tensor = node.inputs[0]
+
+
+def _if_passthrough(p: _Pattern, node: gs.Node):
+    """The outer tensor an If only reshapes (each branch one Squeeze/Identity/Reshape of it)."""
+    sources = set()
+    for key in ("then_branch", "else_branch"):
+        branch = node.attrs.get(key)
+        if branch is None or len(branch.nodes) != 1 or branch.nodes[0].op not in ("Squeeze", "Identity", "Reshape"):
+            return None
+        inner = branch.nodes[0]
+        outer = [t for t in inner.inputs if t.name and not isinstance(t, gs.Constant) and t not in branch.inputs]
+        if len(outer) < 1:
+            return None
+        sources.add(id(outer[0]))
+        p.subgraph_nodes.add(id(inner))
+        source = outer[0]
+    return source if len(sources) == 1 else None
+
+
 def _axes(node: gs.Node) -> list[int] | None:
     if len(node.inputs) > 1:
         value = constant_value(node.inputs[1])
@@ -221,6 +278,11 @@ def fuse_hardswish(program: Program) -> Program:
 def fuse_gelu(program: Program) -> Program:
     """GELU in its Erf and Tanh forms -> Gelu."""
     return _fuse_pattern(program, ("Mul",), _gelu)
+
+
+def fuse_lrn(program: Program) -> Program:
+    """LocalResponseNorm written with Mul/Pad/AveragePool/Pow/Div -> LRN."""
+    return _fuse_pattern(program, ("Div",), _lrn)
 
 
 def fuse_layernorm(program: Program) -> Program:

@@ -200,3 +200,31 @@ def test_external_data_in_and_out(tmp_path):
     np.testing.assert_allclose(logits, np.maximum(x @ W1, 0) @ W2, rtol=1e-4, atol=1e-5)
     assert relevance.shape == x.shape
 
+
+
+def test_local_response_norm_pattern_is_fused():
+    """torch's LocalResponseNorm as the dynamo exporter writes it: x / (k + α·avg(x²))^β."""
+    w = rand(54, 4)
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["sq"]),
+        helper.make_node("Unsqueeze", ["sq", "ax1"], ["sq5"]),
+        helper.make_node("Pad", ["sq5", "pads"], ["padded"]),
+        helper.make_node("AveragePool", ["padded"], ["avg5"], kernel_shape=[5, 1, 1]),
+        helper.make_node("Squeeze", ["avg5", "ax1"], ["avg"]),
+        helper.make_node("Mul", ["avg", "alpha"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "k"], ["base"]),
+        helper.make_node("Pow", ["base", "beta"], ["den"]),
+        helper.make_node("Div", ["x", "den"], ["y"], name="/features/lrn/Div"),
+        helper.make_node("Flatten", ["y"], ["f"]),
+        helper.make_node("MatMul", ["f", "w"], ["logits"]),
+    ]
+    inits = {"ax1": np.array([1], dtype=np.int64), "pads": np.array([0, 0, 2, 0, 0, 0, 0, 2, 0, 0], dtype=np.int64),
+             "alpha": np.array(1e-2, np.float32), "k": np.array(2.0, np.float32), "beta": np.array(0.75, np.float32),
+             "w": w}
+    model = build(nodes, inits, (2, 6, 3, 3))
+    layers = [(layer.op_type, layer.name) for layer, _ in lrpc.lrp_rules(model, lrpc.EpsilonPlus())]
+    assert [op for op, _ in layers] == ["LRN", "Flatten", "MatMul"] and layers[0][1] == "/features/lrn/LRN"
+    # torch's alpha divides the window sum by the window size, as the average pool does
+    lrn = lambda x: torch.nn.functional.local_response_norm(x, 5, alpha=1e-2, beta=0.75, k=2.0)  # noqa: E731
+    check_chain(model, rand(2, 6, 3, 3), [(lrn, "pass"), (lambda y: y.reshape(2, -1), "pass"), (lambda f: f @ t(w), "eps")],
+                lrpc.EpsilonPlus())

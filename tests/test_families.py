@@ -22,18 +22,13 @@ import onnxruntime as ort
 import pytest
 
 import lrpc
+from support.cases import PRESET_NAMES
+from support.cases import preset as make_preset
 from support import families
 from support.export import INPUT_NAME
 
 EXPORTERS = {"legacy": False, "dynamo": True}
 
-PRESETS = {
-    "EpsilonPlus": lambda: lrpc.EpsilonPlus(),
-    "EpsilonPlusFlat": lambda: lrpc.EpsilonPlusFlat(),
-    "EpsilonAlpha2Beta1": lambda: lrpc.EpsilonAlpha2Beta1(),
-    "EpsilonAlpha2Beta1Flat": lambda: lrpc.EpsilonAlpha2Beta1Flat(),
-    "EpsilonGammaBox": lambda: lrpc.EpsilonGammaBox(-3.0, 3.0),
-}
 
 CASES = [(family, exporter) for family in families.FAMILIES for exporter in EXPORTERS]
 CASE_IDS = [f"{family}-{exporter}" for family, exporter in CASES]
@@ -102,11 +97,11 @@ def test_export_runs_in_onnxruntime(family, exporter):
 # every preset compiles, explains, and keeps the model's outputs
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", PRESET_NAMES)
 @pytest.mark.parametrize("family,exporter", CASES, ids=CASE_IDS)
 def test_preset_compiles_and_explains(family, exporter, preset):
     x = families.example_input(family, 2, seed=1)
-    expl = analyzer(family, exporter, PRESETS[preset]()).analyze(x)
+    expl = analyzer(family, exporter, make_preset(preset)).analyze(x)
     assert expl.val.shape == x.shape
     assert expl.val.dtype == x.dtype
     assert np.isfinite(expl.val).all(), "relevance is not finite"

@@ -24,19 +24,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lrpc
+from support.cases import PRESET_NAMES
+from support.cases import preset as make_preset
 
 DATA = Path(__file__).resolve().parent / "data"
 RELEVANCE = "relevance"
 TARGET = "lrp_target"
 CONSERVING = lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(1e-9)))
 
-PRESETS = {
-    "EpsilonPlus": lambda: lrpc.EpsilonPlus(),
-    "EpsilonPlusFlat": lambda: lrpc.EpsilonPlusFlat(),
-    "EpsilonAlpha2Beta1": lambda: lrpc.EpsilonAlpha2Beta1(),
-    "EpsilonAlpha2Beta1Flat": lambda: lrpc.EpsilonAlpha2Beta1Flat(),
-    "EpsilonGammaBox": lambda: lrpc.EpsilonGammaBox(-3.0, 3.0),
-}
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -94,12 +89,12 @@ def test_keras_onnxruntime_matches_keras(stem):
     np.testing.assert_allclose(out, _keras_reference(stem), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_keras_presets_compile_and_run(preset):
     model = _keras("keras_cnn")
     name_in, name_out = _keras_io(model)
     x = _keras_input()
-    compiled = lrpc.compile(model, PRESETS[preset]())
+    compiled = lrpc.compile(model, make_preset(preset))
     assert [i.name for i in compiled.graph.input][:1] == [name_in]
     assert [o.name for o in compiled.graph.output] == [name_out, RELEVANCE]
     outs = _run(compiled, {name_in: x})
@@ -202,12 +197,12 @@ def test_sklearn_conversion_matches_sklearn():
     np.testing.assert_allclose(outs["probabilities"], clf.predict_proba(x[:50]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_sklearn_presets_explain_probabilities(preset):
     clf, blob = _sklearn_mlp(False)
     x, _ = _digits()
     batch = x[:20]
-    compiled = lrpc.compile(onnx.load_from_string(blob), PRESETS[preset](), output_name="probabilities")
+    compiled = lrpc.compile(onnx.load_from_string(blob), make_preset(preset), output_name="probabilities")
     assert [o.name for o in compiled.graph.output] == ["label", "probabilities", RELEVANCE]
     outs = _run(compiled, {"input": batch})
     np.testing.assert_array_equal(outs["label"], clf.predict(batch))
@@ -372,8 +367,8 @@ def test_old_opset_model_compiles_and_keeps_outputs():
     model = _old_opset_cnn(zero_bias=False)
     x = np.random.default_rng(4).normal(0.0, 1.0, (3, 1, 8, 8)).astype(np.float32)
     want = _run(model, {"x": x})["y"]
-    for preset in PRESETS.values():
-        compiled = lrpc.compile(model, preset())
+    for name in PRESET_NAMES:
+        compiled = lrpc.compile(model, make_preset(name))
         assert compiled.ir_version <= 13
         assert max(o.version for o in compiled.opset_import if o.domain in ("", "ai.onnx")) >= 17
         outs = _run(compiled, {"x": x})

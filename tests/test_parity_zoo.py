@@ -13,6 +13,8 @@ import onnx
 import pytest
 
 import lrpc
+from support.cases import BOX
+from support.cases import preset as make_preset
 from support import zoo
 from support.export import zoo_onnx_bytes
 from support.zennit_ref import PRESETS, composite, zennit_relevance
@@ -22,13 +24,6 @@ EXPORTS = {
     "dynamo": dict(dynamo=True),
     "legacy_no_folding": dict(dynamo=False, do_constant_folding=False),
 }
-BOX = dict(low=-3.0, high=3.0)
-
-
-def lrpc_preset(name: str):
-    return getattr(lrpc, name)(**BOX) if name == "EpsilonGammaBox" else getattr(lrpc, name)()
-
-
 def zennit_preset(name: str):
     return composite(name, **BOX) if name == "EpsilonGammaBox" else composite(name)
 
@@ -54,7 +49,7 @@ def test_presets_match_zennit(model_name, export):
         assert "BatchNormalization" in {n.op_type for n in onnx.load_from_string(data).graph.node}
     x = zoo.example_input(model_name, 3, seed=1)
     for preset in PRESETS:
-        expl = explain(data, x, lrpc_preset(preset))
+        expl = explain(data, x, make_preset(preset))
         ref = zennit_relevance(model, x, expl.output_selection, zennit_preset(preset), double=True)
         err = np.abs(expl.val - ref).max() / np.abs(ref).max()
         assert err <= 1e-3, f"{preset}: relative error {err:.2e}"

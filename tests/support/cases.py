@@ -80,3 +80,12 @@ def check_chain(model, x, steps, composite=None, target=None):
     assert R.shape == x.shape and R.dtype == np.float32
     err = np.abs(R - R_ref).max() / np.abs(R_ref).max()
     assert err < 1e-4, f"relative error {err:.2e}"
+
+
+#: lrpc's presets by name; EpsilonGammaBox gets the bounds the tests use everywhere
+PRESET_NAMES = ("EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox")
+BOX = dict(low=-3.0, high=3.0)
+
+
+def preset(name: str) -> lrpc.Composite:
+    return getattr(lrpc, name)(**BOX) if name == "EpsilonGammaBox" else getattr(lrpc, name)()

@@ -64,15 +64,25 @@ def cmd_compile(args) -> int:
     out = Path(args.output_file) if args.output_file else Path(args.model).with_suffix(".lrp.onnx")
     if out.is_dir():
         raise LrpcError(f"{out}: is a directory; give a file name with -o")
-    compile_file(
+    from .crp import parse_features
+
+    if (args.crp_layer is None) != (args.features is None):
+        raise LrpcError("--crp-layer and --features go together")
+    model = compile_file(
         args.model, out, _composite_from_args(args),
         input_name=args.input_name, output_name=args.output_name,
         normalize_output_relevance=not args.no_normalize_output_relevance,
         skip_checks=args.skip_checks,
         external_data=True if args.external_data else None,
+        relevance_at=args.relevance_at or (),
+        crp_layer=args.crp_layer,
+        features=parse_features(args.features) if args.features is not None else None,
     )
     if not args.quiet:
-        print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB): outputs = model outputs + 'relevance'")
+        import onnx
+
+        extras = [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
+        print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB); outputs: {', '.join(extras)}")
     return 0
 
 
@@ -196,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from the explained logit instead of 1")
     p.add_argument("--external-data", action="store_true",
                    help="write the weights to OUT.data beside the model (automatic near 2 GiB)")
+    p.add_argument("--relevance-at", nargs="+", metavar="LAYER",
+                   help="also output the relevance at these layers (index or node name) or tensors")
+    p.add_argument("--crp-layer", metavar="LAYER", help="Concept Relevance Propagation at this layer's output")
+    p.add_argument("--features", metavar="SPEC", help="CRP features: top:N (per input) or indices such as 1,2,10")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(run=cmd_compile)
 

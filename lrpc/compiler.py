@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from . import __version__
 from .check import CheckReport, check_layers, raise_if_unsupported
 from .composites import Composite, EpsilonPlusFlat
-from .emit import TARGET_NAME, emit_relevance
+from .emit import TARGET_NAME, ConceptSpec, emit_relevance
 from .errors import LrpcError
 from .graph import Program, load_model, save_model
 from .layers import LayerTable, find_layers
@@ -95,25 +97,48 @@ def compile(
     normalize_output_relevance: bool = True,
     skip_checks: bool = False,
     verbose: bool = True,
+    relevance_at=(),
+    crp_layer=None,
+    features=None,
 ) -> onnx.ModelProto:
     """Compile ``model`` (path or ModelProto) into an ONNX model that also returns ``relevance``.
 
     ``composite``: a :class:`Composite`, a preset such as ``EpsilonPlusFlat()``, one rule
     for every layer, a list with one rule per layer, or a composite expression string.
+    ``relevance_at``: layers (index or name) or tensors whose relevance becomes an extra
+    output ``relevance_at:<tensor>``. ``crp_layer`` + ``features``
+    (:class:`~lrpc.crp.TopNFeatures` / :class:`~lrpc.crp.IndexedFeatures`): Concept
+    Relevance Propagation; ``relevance`` then holds features × inputs rows and
+    ``crp_features`` the feature explained by each.
     """
     analysis = analyze_model(
         model, composite, input_name=input_name, output_name=output_name,
         skip_checks=skip_checks, verbose=verbose,
     )
-    return emit_model(analysis, normalize_output_relevance)
+    return emit_model(analysis, normalize_output_relevance, relevance_at=relevance_at,
+                      crp_layer=crp_layer, features=features)
 
 
-def emit_model(analysis: Analysis, normalize_output_relevance: bool = True) -> onnx.ModelProto:
+def emit_model(
+    analysis: Analysis,
+    normalize_output_relevance: bool = True,
+    relevance_at=(),
+    crp_layer=None,
+    features=None,
+) -> onnx.ModelProto:
     program = analysis.program
     graph = program.graph
-    target, relevance = emit_relevance(program, analysis.table, analysis.rules, normalize_output_relevance)
-    graph.inputs.append(target)
-    graph.outputs.append(relevance)
+    concept = None
+    if crp_layer is not None or features is not None:
+        if crp_layer is None or features is None:
+            raise LrpcError("CRP needs both a layer and the features to explain")
+        concept = ConceptSpec(find_layer(analysis, crp_layer), features)
+    watched = [_relevance_point(analysis, ref) for ref in relevance_at]
+    emitted = emit_relevance(program, analysis.table, analysis.rules, normalize_output_relevance,
+                             relevance_at=watched, concept=concept)
+    graph.inputs.append(emitted.target)
+    graph.outputs.append(emitted.relevance)
+    graph.outputs.extend(emitted.extra_outputs)
     program.unfuse()  # before cleanup: fused patterns may own the only reader of a tensor
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = program.to_model()
@@ -128,6 +153,8 @@ def emit_model(analysis: Analysis, normalize_output_relevance: bool = True) -> o
         "lrpc.normalize_output_relevance": str(bool(normalize_output_relevance)).lower(),
         "lrpc.rules": "; ".join(f"{layer.index}:{layer.name}={rule!r}" for layer, rule in analysis.layer_rules()),
     }
+    if concept is not None:
+        meta["lrpc.crp"] = f"{concept.layer.index}:{concept.layer.name} {concept.features!r}"
     for key, value in meta.items():
         entry = out.metadata_props.add()
         entry.key, entry.value = key, value
@@ -138,6 +165,30 @@ def emit_model(analysis: Analysis, normalize_output_relevance: bool = True) -> o
             f"internal error: the compiled model fails the ONNX checker: {str(exc).splitlines()[0]}"
         ) from None
     return out
+
+
+def find_layer(analysis: Analysis, ref) -> Layer:
+    """A layer by flat index, node name or glob on node names (exactly one must match)."""
+    layers = analysis.table.layers
+    if isinstance(ref, (int, np.integer)) or (isinstance(ref, str) and ref.lstrip("-").isdigit()):
+        index = int(ref)
+        if not 0 <= index < len(layers):
+            raise LrpcError(f"layer {index} does not exist; the model has {len(layers)} layers (see `lrpc inspect`)")
+        return layers[index]
+    hits = [layer for layer in layers if layer.name == ref] or [
+        layer for layer in layers if fnmatch.fnmatchcase(layer.name, str(ref))]
+    if len(hits) != 1:
+        found = "no layer" if not hits else f"{len(hits)} layers ({', '.join(h.name for h in hits[:4])}...)"
+        raise LrpcError(f"layer {ref!r} matches {found}; give an index or a unique name (see `lrpc inspect`)")
+    return hits[0]
+
+
+def _relevance_point(analysis: Analysis, ref) -> gs.Tensor:
+    """Where ``--relevance-at`` reads relevance: a layer's output, or a tensor by name."""
+    tensors = analysis.program.graph.tensors()
+    if isinstance(ref, str) and ref in tensors and ref in analysis.table.carriers:
+        return tensors[ref]
+    return find_layer(analysis, ref).output
 
 
 def compile_file(src, dst, composite=None, external_data: bool | None = None, **kwargs) -> Path:

@@ -9,11 +9,15 @@ relevance inputs. Activations pass relevance through unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
+import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .crp import Features, mask_features, tile_batch
 from .errors import LrpcError, UnsupportedModelError
-from .graph import Program, static_shape
+from .graph import Program, node_graph, static_shape
 from .layers import LayerTable
 from .spec import TRANSPARENT, Layer
 from .rules import Rule
@@ -21,6 +25,25 @@ from .symbolic import Emitter, Sym, add_all
 
 TARGET_NAME = "lrp_target"
 RELEVANCE_NAME = "relevance"
+FEATURES_NAME = "crp_features"
+RELEVANCE_AT_PREFIX = "relevance_at:"
+
+
+@dataclass
+class Emitted:
+    """What the backward pass added to the graph's interface."""
+
+    target: gs.Variable
+    relevance: gs.Variable
+    extra_outputs: list[gs.Variable] = field(default_factory=list)
+
+
+@dataclass
+class ConceptSpec:
+    """CRP: explain these features of this layer's output (see :mod:`lrpc.crp`)."""
+
+    layer: Layer
+    features: Features
 
 
 def emit_relevance(
@@ -28,8 +51,10 @@ def emit_relevance(
     table: LayerTable,
     rules: list[Rule],
     normalize_output_relevance: bool = True,
-) -> tuple[gs.Variable, gs.Variable]:
-    """Append the backward pass; returns the (target input, relevance output) variables."""
+    relevance_at: list[gs.Tensor] = (),
+    concept: ConceptSpec | None = None,
+) -> Emitted:
+    """Append the backward pass; returns the new input and outputs."""
     graph = program.graph
     tensors = graph.tensors()
     x = tensors[program.input_name]
@@ -38,34 +63,116 @@ def emit_relevance(
     if dtype.kind != "f":
         raise LrpcError(f"input {x.name!r} has dtype {dtype}; lrpc explains floating-point inputs")
     em = Emitter(graph, dtype)
-
     target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_batch"])
-    start = _output_relevance(em, logits, target, normalize_output_relevance)
+    backward = _Backward(em, rules, {t.name for t in relevance_at})
 
-    pending: dict[str, list[Sym]] = {logits.name: [start]}
-    for node in reversed(table.nodes):
-        arrived = [pending.pop(t.name, None) for t in node.outputs]
-        if not any(arrived):
-            continue
-        relevances = [add_all(parts) if parts else None for parts in arrived]
-        layer = table.by_node.get(id(node))
-        if layer is None:
-            slots, incoming = _pass_unknown(em, node, table, relevances)
-        elif layer.spec.route_outputs is not None:
-            slots, incoming = layer.acts, layer.spec.route_outputs(em, layer, relevances)
-        else:
-            slots, incoming = layer.acts, _propagate(em, layer, rules, relevances[0])
-        for slot, r in zip(slots, incoming):
-            pending.setdefault(node.inputs[slot].name, []).append(r)
+    pending: dict[str, list[Sym]] = {logits.name: [_output_relevance(em, logits, target, normalize_output_relevance)]}
+    extra: list[gs.Variable] = []
+    if concept is None:
+        pending = backward.run(table.nodes, table, pending)
+        x_final, shape = x, x.shape
+    else:
+        at = concept.layer.output
+        pending = backward.run(table.nodes, table, pending, stop_after=concept.layer.node)
+        if not pending.get(at.name):
+            raise LrpcError(f"no relevance reaches the CRP layer {concept.layer.describe()}")
+        masked, indices = mask_features(em, add_all(pending[at.name]), at, concept.features)
+        times = concept.features.count()
+        x_final = tile_batch(em, x, times)
+        lower, lower_table = _clone_below(program, table, x, x_final, at)
+        pending = backward.run(lower, lower_table, {lower_table.renamed[at.name]: [masked]})
+        shape = ["crp_batch", *x.shape[1:]]
+        extra.append(_named_output(graph, indices, FEATURES_NAME, np.int64, [times, "batch"]))
 
-    parts = pending.get(x.name)
+    parts = pending.get(x_final.name)
     if not parts:
         raise LrpcError(f"no relevance reaches input {x.name!r}")
     name = RELEVANCE_NAME if RELEVANCE_NAME not in tensors else f"lrp_{RELEVANCE_NAME}"
-    final = add_all(parts)
-    relevance = gs.Variable(name, dtype=dtype, shape=x.shape)
-    graph.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[final.value], outputs=[relevance]))
-    return target, relevance
+    relevance = _named_output(graph, add_all(parts).value, name, dtype, shape)
+    for tensor in relevance_at:
+        captured = backward.captured.get(tensor.name)
+        if captured is None:
+            raise LrpcError(f"--relevance-at {tensor.name!r}: no relevance passes there")
+        rank = len(tensor.shape) if tensor.shape is not None else 0
+        shape = [f"d{i}" for i in range(rank)] if rank else None
+        extra.append(_named_output(graph, captured.value, RELEVANCE_AT_PREFIX + tensor.name, dtype, shape))
+    return Emitted(target, relevance, extra)
+
+
+def _named_output(graph: gs.Graph, value, name: str, dtype, shape) -> gs.Variable:
+    out = gs.Variable(name, dtype=dtype, shape=shape)
+    graph.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[value], outputs=[out]))
+    return out
+
+
+class _Backward:
+    """Walks nodes in reverse topological order, summing and propagating relevance."""
+
+    def __init__(self, em: Emitter, rules: list[Rule], watch: set[str]):
+        self.em, self.rules, self.watch = em, rules, watch
+        self.captured: dict[str, Sym] = {}
+
+    def run(self, nodes, table, pending: dict, stop_after: gs.Node | None = None) -> dict:
+        em = self.em
+        for node in reversed(nodes):
+            if node is stop_after:
+                break
+            arrived = [pending.pop(t.name, None) for t in node.outputs]
+            if not any(arrived):
+                continue
+            relevances = [add_all(parts) if parts else None for parts in arrived]
+            for t, r in zip(node.outputs, relevances):
+                original = getattr(table, "original_names", {}).get(t.name, t.name)
+                if r is not None and original in self.watch:
+                    self.captured[original] = r
+            layer = table.by_node.get(id(node))
+            if layer is None:
+                slots, incoming = _pass_unknown(em, node, table, relevances)
+            elif layer.spec.route_outputs is not None:
+                slots, incoming = layer.acts, layer.spec.route_outputs(em, layer, relevances)
+            else:
+                slots, incoming = layer.acts, _propagate(em, layer, self.rules, relevances[0])
+            for slot, r in zip(slots, incoming):
+                pending.setdefault(node.inputs[slot].name, []).append(r)
+        return pending
+
+
+@dataclass
+class _ClonedTable:
+    """The layers below a CRP concept, copied to run on the tiled input."""
+
+    by_node: dict
+    carriers: set
+    renamed: dict  # original tensor name -> clone's
+    original_names: dict  # clone's tensor name -> original
+
+
+def _clone_below(program: Program, table: LayerTable, x, x_tiled, at: gs.Tensor) -> tuple[list, _ClonedTable]:
+    """Copy every node that depends on ``x`` and leads to ``at``, reading ``x_tiled``."""
+    graph = program.graph
+    g = node_graph(graph)
+    below = nx.ancestors(g, ("tensor", at.name)) & nx.descendants(g, ("tensor", x.name))
+    originals = [n for n in graph.nodes if ("node", id(n)) in below]
+    renamed = {x.name: x_tiled}
+    clones, by_node = [], {}
+    for node in originals:
+        inputs = [renamed.get(t.name, t) for t in node.inputs]
+        outputs = []
+        for t in node.outputs:
+            shape = None if t.shape is None else ["crp_batch", *t.shape[1:]]
+            copy = gs.Variable(f"{t.name}/crp", dtype=t.dtype, shape=shape)
+            renamed[t.name] = copy
+            outputs.append(copy)
+        clone = gs.Node(node.op, name=f"{node.name}/crp" if node.name else "", attrs=dict(node.attrs),
+                        inputs=inputs, outputs=outputs, domain=node.domain)
+        graph.nodes.append(clone)
+        clones.append(clone)
+        layer = table.by_node.get(id(node))
+        if layer is not None:
+            by_node[id(clone)] = replace(layer, node=clone)
+    names = {name: t.name for name, t in renamed.items()}
+    carriers = {names[c] for c in table.carriers if c in names}
+    return clones, _ClonedTable(by_node, carriers, names, {v: k for k, v in names.items()})
 
 
 def _output_relevance(em: Emitter, logits, target, normalize: bool) -> Sym:

@@ -1,6 +1,6 @@
 """Running compiled models: sessions, the :class:`LRP` analyzer and :class:`Explanation`."""
 
-from .analyzer import LRP, Explanation, analyze
+from .analyzer import CRP, LRP, Explanation, analyze
 from .session import available_providers, make_session
 
-__all__ = ["LRP", "Explanation", "analyze", "available_providers", "make_session"]
+__all__ = ["CRP", "LRP", "Explanation", "analyze", "available_providers", "make_session"]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..emit import RELEVANCE_NAME, TARGET_NAME
+from ..emit import FEATURES_NAME, RELEVANCE_NAME, TARGET_NAME
 from ..errors import InputError, LrpcError, TargetError
 from .session import make_session
 
@@ -56,25 +56,38 @@ class LRP:
         verbose: bool = True,
         input_name: str | None = None,
         output_name: str | None = None,
+        relevance_at=(),
         providers: list[str] | None = None,
         threads: int | None = None,
     ):
-        from ..compiler import analyze_model, emit_model
         from ..graph import load_model
 
         proto = load_model(model)
+        options = dict(normalize_output_relevance=normalize_output_relevance, skip_checks=skip_checks,
+                       verbose=verbose, input_name=input_name, output_name=output_name, relevance_at=tuple(relevance_at))
         if _is_compiled(proto):
-            if composite is not None or not normalize_output_relevance or input_name or output_name:
+            if composite is not None or not normalize_output_relevance or input_name or output_name or relevance_at:
                 raise LrpcError("the model is already compiled: its rules and options are fixed; "
                                 "pass the original model to change them")
-            self.model = proto
-            self.analysis = None
+            self.source, self.composite, self.options = None, None, options
+            self._open(proto, None, providers, threads)
         else:
-            self.analysis = analyze_model(
-                proto, composite, input_name=input_name, output_name=output_name,
-                skip_checks=skip_checks, verbose=verbose,
-            )
-            self.model = emit_model(self.analysis, normalize_output_relevance)
+            self.source, self.composite, self.options = proto, composite, options
+            self._compile_and_open({}, providers, threads)
+
+    def _compile_and_open(self, concept: dict, providers, threads) -> None:
+        from ..compiler import analyze_model, emit_model
+
+        opts = self.options
+        analysis = analyze_model(self.source, self.composite, input_name=opts["input_name"],
+                                 output_name=opts["output_name"], skip_checks=opts["skip_checks"],
+                                 verbose=opts["verbose"])
+        model = emit_model(analysis, opts["normalize_output_relevance"], relevance_at=opts["relevance_at"], **concept)
+        self._open(model, analysis, providers, threads)
+
+    def _open(self, model, analysis, providers, threads) -> None:
+        self.model, self.analysis = model, analysis
+        self._session_options = (providers, threads)
         meta = {p.key: p.value for p in self.model.metadata_props}
         self.input_name = meta.get("lrpc.input", self.model.graph.input[0].name)
         self.session = make_session(self.model, providers=providers, threads=threads)
@@ -121,7 +134,11 @@ class LRP:
         relevance = results.pop(RELEVANCE_NAME)
         output = results.pop(self.explained_output)
         selection = np.asarray(feeds.get(TARGET_NAME, np.argmax(output.reshape(n, -1), axis=1)))
-        return Explanation(relevance, output, selection, extras=results)
+        if FEATURES_NAME in results:
+            results["features"] = results.pop(FEATURES_NAME)
+        return Explanation(relevance, output, selection, analyzer=self.name, extras=results)
+
+    name = "LRP"
 
     def _classes(self, sample: np.ndarray) -> int:
         """Number of classes of the explained output (static shape, else one probe run)."""
@@ -150,6 +167,31 @@ class LRP:
             if isinstance(want, int) and want != got:
                 raise InputError(f"input has shape {x.shape}; the model expects {_show(meta.shape)}")
         return x
+
+
+class CRP(LRP):
+    """``CRP(lrp_analyzer, layer, features)``: Concept Relevance Propagation.
+
+    ``layer``: the layer (flat index or node name) on whose output the concepts live;
+    ``features``: :class:`~lrpc.crp.TopNFeatures` or :class:`~lrpc.crp.IndexedFeatures`.
+    ``analyze`` returns one explanation per feature and input in the batch axis, features
+    first (``[f1_x1, f1_x2, f2_x1, ...]``); ``extras["features"]`` holds the feature of
+    each row block, shape ``[F, N]``.
+    """
+
+    name = "CRP"
+
+    def __init__(self, lrp_analyzer: LRP, layer, features, *, providers=None, threads=None):
+        if not isinstance(lrp_analyzer, LRP) or lrp_analyzer.source is None:
+            raise LrpcError("CRP needs an LRP analyzer built from a plain (not yet compiled) model")
+        self.source, self.composite, self.options = lrp_analyzer.source, lrp_analyzer.composite, lrp_analyzer.options
+        self.layer, self.features = layer, features
+        providers = providers or lrp_analyzer._session_options[0]
+        threads = threads or lrp_analyzer._session_options[1]
+        self._compile_and_open({"crp_layer": layer, "features": features}, providers, threads)
+
+    def __repr__(self) -> str:
+        return f"CRP(layer={self.layer!r}, features={self.features!r})"
 
 
 def _show(shape) -> str:

@@ -101,23 +101,13 @@ def cmd_check(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from rich.markup import escape
-    from rich.table import Table
-
     from .compiler import analyze_model
-    from .layers import hierarchy
+    from .inspection import layer_table
 
     analysis = analyze_model(args.model, _composite_from_args(args), input_name=args.input_name,
                              output_name=args.output_name, skip_checks=args.skip_checks)
-    table = Table(title=f"rules: {analysis.composite!r}")
-    for column in ("#", "node", "module path", "op", "rule"):
-        table.add_column(column)
-    for layer, rule in analysis.layer_rules():
-        path = "/".join(hierarchy(layer.name)[:-1])
-        table.add_row(*(escape(v) for v in (str(layer.index), layer.name, path, layer.op_type, repr(rule))))
-    _print_table(table)
+    _print_table(layer_table(analysis, with_rules=True))
     return 0
-
 
 def _read_inputs(paths: list[str]) -> np.ndarray:
     from .errors import InputError

@@ -122,14 +122,19 @@ class Primitive:
 
 
 class LayerMap(Primitive):
-    """Rule for the layer at a flat index, with a node name, or matching a name glob."""
+    """Rule for the layer at a flat index, a hierarchical index ``(0, 2)``, with a node
+    name, or matching a name glob."""
 
     def __init__(self, index, rule: Rule):
         self.index, self.rule = index, _check_rule(rule)
+        if isinstance(index, list):
+            self.index = tuple(index)
 
     def selects(self, layer: Layer) -> bool:
         if isinstance(self.index, int):
             return layer.index == self.index
+        if isinstance(self.index, tuple):
+            return layer.path_index == self.index
         name = layer.name
         return name == self.index or fnmatch.fnmatchcase(name, self.index)
 

@@ -60,6 +60,8 @@ def find_layers(program: Program) -> LayerTable:
         if spec.kind not in TRANSPARENT:
             layer.index = len(layers)
             layers.append(layer)
+    for layer, path in zip(layers, hierarchical_indices([layer.name for layer in layers])):
+        layer.path_index = path
     with_params = [layer for layer in layers if layer.has_params]
     if with_params:
         with_params[0].is_first = True
@@ -74,6 +76,49 @@ def _blocked(node: gs.Node, slot: int) -> bool:
         return True
     spec = lookup(node.op)
     return bool(spec and spec.blocks and spec.blocks(node, slot))
+
+
+def hierarchical_indices(names: list[str]) -> list[tuple[int, ...]]:
+    """Nested indices from module paths, like RelevancePropagation.jl's ``(1, 2)`` for the
+    second layer of the first chain (but from 0): ``/features/features.3/Conv`` is
+    ``(0, k)`` when ``features`` is the first top-level module and ``features.3`` its k-th
+    child seen. Layers that share one module path get one more index, their order in it."""
+    paths = [module_path(name) for name in names]
+    children: dict[tuple, dict[str, int]] = {}
+    prefixes = []
+    for path in paths:
+        index = []
+        for depth, part in enumerate(path):
+            seen = children.setdefault(path[:depth], {})
+            index.append(seen.setdefault(part, len(seen)))
+        prefixes.append(tuple(index))
+    shared = {path: paths.count(path) for path in set(paths)}
+    position: dict[tuple, int] = {}
+    result = []
+    for path, prefix in zip(paths, prefixes):
+        if shared[path] == 1 and prefix:
+            result.append(prefix)
+        else:
+            k = position.get(path, 0)
+            position[path] = k + 1
+            result.append(prefix + (k,))
+    return result
+
+
+def module_path(name: str) -> tuple[str, ...]:
+    """The module path in an exporter's node name, without the op: ``/a/a.0/Conv`` ->
+    ``(a, a.0)``; a top-level op (``/Flatten``, a functional call) is its own module."""
+    parts = hierarchy(name)
+    return parts[:-1] if len(parts) > 1 else parts
+
+
+def module_name(name: str) -> str:
+    """The torch-style qualified module name: ``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``
+    (exporters repeat the parent's name in each level)."""
+    qualified = ""
+    for part in module_path(name):
+        qualified = part if not qualified or part.startswith(qualified + ".") else f"{qualified}.{part}"
+    return qualified
 
 
 def hierarchy(name: str) -> tuple[str, ...]:

@@ -56,6 +56,7 @@ class Layer:
     spec: "OpSpec"
     acts: list[int]  # indices of node.inputs that carry relevance
     index: int = -1  # flat layer index (activations have none)
+    path_index: tuple = ()  # hierarchical index from the module path in the node name
     is_first: bool = False
     is_last: bool = False
     param_slots: dict[str, int] = field(default_factory=dict)  # role -> input index

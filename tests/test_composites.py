@@ -209,3 +209,17 @@ def test_rules_file_with_rule_as_a_plain_key(tmp_path):
     path.write_text('rule = "FlatRule()"\n')
     with pytest.raises(CompositeSyntaxError, match=r"'rule' must be a list of \[\[rule\]\] tables"):
         load_rules_file(path)
+
+
+def test_hierarchical_indices_from_module_paths():
+    layers = [layer for layer, _ in lrpc.lrp_rules(MODEL, Composite())]
+    assert [layer.path_index for layer in layers] == [(0, 0), (0, 1), (0, 2), (1,), (2,), (3, 0), (3, 1)]
+    got = rules_of(Composite(LayerMap((0, 2), GammaRule()), LayerMap([3, 1], EpsilonRule())))
+    assert got == [ZeroRule(), ZeroRule(), GammaRule()] + [ZeroRule()] * 3 + [EpsilonRule()]
+
+
+def test_show_layer_indices_prints_and_returns(capsys):
+    indices = lrpc.show_layer_indices(MODEL)
+    printed = capsys.readouterr().out
+    assert [(i.index, i.path, i.op_type) for i in indices][:2] == [(0, (0, 0), "Conv"), (1, (0, 1), "MaxPool")]
+    assert "/classifier/classifier.2/Gemm" in printed and "(3, 1)" in printed

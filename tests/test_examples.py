@@ -54,3 +54,21 @@ def test_training_script_reproduces_a_working_model(tmp_path):
     bundled = onnx.load(DIGITS / "digits_cnn.onnx")
     assert [n.op_type for n in fresh.graph.node] == [n.op_type for n in bundled.graph.node]
     assert np.load(tmp_path / "samples.npy").shape == (8, 1, 8, 8)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("script", ["custom_layers.py", "assigning_rules.py", "crp_digits.py"])
+def test_example_scripts_run(script, tmp_path):
+    """The runnable docs (README sections mirror them) must not rot."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    if script == "crp_digits.py":
+        assert len(list((tmp_path / "out").glob("crp_*.png"))) == 5 * 2 + 3 * 2
+    if script == "custom_layers.py":
+        assert "unknown layer type" in done.stdout and "skip_checks: (2, 100)" in done.stdout
+    if script == "assigning_rules.py":
+        assert "the composite assigns the same rules: True" in done.stdout

@@ -55,5 +55,6 @@ from .expressions import parse_composite  # noqa: E402
 from .runtime import CRP, LRP, Explanation, analyze  # noqa: E402
 from .crp import IndexedFeatures, TopNFeatures  # noqa: E402
 from .inspection import show_layer_indices  # noqa: E402
+from .heatmap import heatmap, text_heatmap  # noqa: E402
 
 __all__ = [name for name in dir() if not name.startswith("_")]

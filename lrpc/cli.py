@@ -109,66 +109,151 @@ def cmd_inspect(args) -> int:
     _print_table(layer_table(analysis, with_rules=True))
     return 0
 
-def _read_inputs(paths: list[str]) -> np.ndarray:
-    from .errors import InputError
 
-    arrays = []
-    for p in paths:
-        path = Path(p)
-        if path.suffix.lower() != ".npy":
-            raise InputError(f"{p}: only .npy inputs are supported")
-        if not path.exists():
-            raise InputError(f"{p}: no such file")
-        try:
-            arrays.append(np.load(path, allow_pickle=False))
-        except (ValueError, OSError) as exc:
-            raise InputError(f"{p}: not a readable .npy array ({exc})") from None
-    shapes = {a.shape[1:] if a.ndim > 1 else a.shape for a in arrays}
-    try:
-        return np.concatenate(arrays, axis=0)
-    except ValueError:
-        raise InputError(f"inputs have different sample shapes: {sorted(shapes)}") from None
+def _preprocess_from_args(args):
+    from .images import Preprocess
+
+    return Preprocess(
+        size=tuple(args.size) if args.size else None,
+        grayscale=args.grayscale,
+        scale_pixels=args.scale_pixels,
+        mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None,
+    )
+
+
+def _read_inputs(files: list, analyzer, args):
+    """The samples to explain, each checked against the model's input from file headers alone,
+    so that a bad file stops the run before any inference."""
+    from .images import model_input, plan
+
+    spec = model_input(analyzer.session, analyzer.input_name, args.layout)
+    prep = _preprocess_from_args(args)
+    return spec, prep, plan(files, spec, prep)
+
+
+def _heatmap_names(samples) -> list[str]:
+    """heatmap_<stem>.png per image / one-sample .npy, heatmap_<index>.png per row of a .npy
+    batch; clashes (a.png and a.jpg, or names differing in case) get _2, _3, ..."""
+    names, used = [], set()
+    for i, sample in enumerate(samples):
+        stem = f"{i:03d}" if sample.row is not None else sample.path.stem
+        name, k = f"heatmap_{stem}.png", 2
+        while name.casefold() in used:
+            name, k = f"heatmap_{stem}_{k}.png", k + 1
+        used.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def _heatmap_pngs(relevance, batch, shown, spec, args) -> list:
+    """PNG bytes per sample (None when the relevance is no image). An image resized with --size
+    gets its heatmap resized back, so the heatmap's pixels are the input file's pixels."""
+    from PIL import Image
+
+    from .heatmap import encode_png, heatmap, overlay_image
+
+    if relevance.ndim not in (3, 4):
+        return [None] * len(batch)
+    images = heatmap(relevance, reduce=args.reduce, rangescale=args.rangescale, colormap=args.colormap,
+                     channels_last=spec.layout == "nhwc")
+    pngs = []
+    for i, (image, sample) in enumerate(zip(images, batch)):
+        if sample.is_image and image.shape[:2] != sample.image_size:
+            h, w = sample.image_size
+            image = np.asarray(Image.fromarray(image).resize((w, h), Image.NEAREST))
+        if args.overlay:
+            image = overlay_image(image, shown[i], args.alpha)
+        pngs.append(encode_png(image, args.heatmap_scale))
+    return pngs
+
+
+def _progress_bar(total: int):
+    """A transient progress bar on stderr, for runs of more than one batch. Only a terminal
+    shows it: in a pipe or a log it would leave a stray line behind."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    columns = (TextColumn("explaining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    progress = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+    return progress, progress.add_task("explain", total=total)
+
+
+def _explain_all(analyzer, samples, spec, prep, args):
+    """Relevance, output and target of every sample, and its heatmap PNG, batch by batch.
+    Everything stays in memory until the end: a failure in any batch writes nothing."""
+    from contextlib import nullcontext
+
+    from .images import load
+
+    relevance, output, target, pngs = [], [], [], []
+    batches = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
+    progress, task = _progress_bar(len(samples)) if len(batches) > 1 else (None, None)
+    with progress or nullcontext():
+        for batch in batches:
+            x, shown = load(batch, spec, prep, shown=args.overlay)
+            expl = analyzer.analyze(x, args.target)
+            relevance.append(expl.val)
+            output.append(expl.output)
+            target.append(np.asarray(expl.output_selection))
+            pngs.extend(_heatmap_pngs(expl.val, batch, shown, spec, args))
+            if progress:
+                progress.advance(task, len(batch))
+    return np.concatenate(relevance), np.concatenate(output), np.concatenate(target), pngs
+
+
+def _write_explanations(outdir: Path, samples, pngs, relevance, output, target) -> list[dict]:
+    """heatmap PNGs, relevance.npz and summary.json, each written atomically."""
+    from .graph import atomic_path
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for i, (sample, name, png) in enumerate(zip(samples, _heatmap_names(samples), pngs)):
+        if png is not None:
+            with atomic_path(outdir / name) as tmp:
+                Path(tmp).write_bytes(png)
+        summary.append({
+            "index": i,
+            "input": sample.name,
+            "prediction": int(np.argmax(output[i].reshape(-1))),
+            "target": int(target[i]),
+            "relevance_sum": float(relevance[i].sum()),
+            "heatmap": name if png is not None else None,
+        })
+    with atomic_path(outdir / "relevance.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, relevance=relevance, output=output, target=target, inputs=np.array([s.name for s in samples]))
+    with atomic_path(outdir / "summary.json") as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def cmd_explain(args) -> int:
-    from .graph import atomic_path
-    from .heatmap import heatmap, save_png
-    from .runtime import LRP
-
     from .errors import LrpcError
+    from .heatmap import get_colormap
+    from .images import collect
+    from .runtime import LRP
 
     outdir = Path(args.output_dir)
     if outdir.exists() and not outdir.is_dir():
         raise LrpcError(f"{outdir}: exists and is not a folder")
-    x = _read_inputs(args.inputs)
+    # cheap checks first: a typo should not wait for the model to compile
+    get_colormap(args.colormap)
+    if not 0.0 <= args.alpha <= 1.0:
+        raise LrpcError(f"--alpha must lie in [0, 1], got {args.alpha}")
+    files = collect(args.inputs)
     analyzer = LRP(args.model, _composite_from_args(args), input_name=args.input_name,
                    output_name=args.output_name, skip_checks=args.skip_checks,
                    normalize_output_relevance=not args.no_normalize_output_relevance)
-    expl = analyzer.analyze(x, args.target)
-    outdir.mkdir(parents=True, exist_ok=True)
-    images = heatmap(expl) if expl.val.ndim in (3, 4) else []
-    summary = []
-    for i in range(len(x)):
-        entry = {
-            "index": i,
-            "prediction": int(np.argmax(expl.output[i])),
-            "target": int(expl.output_selection[i]),
-            "relevance_sum": float(expl.val[i].sum()),
-        }
-        if images:
-            png = outdir / f"heatmap_{i:03d}.png"
-            save_png(images[i], png, scale=args.scale)
-            entry["heatmap"] = png.name
-        summary.append(entry)
-    with atomic_path(outdir / "relevance.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, relevance=expl.val, output=expl.output, target=expl.output_selection)
-    with atomic_path(outdir / "summary.json") as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2))
+    spec, prep, samples = _read_inputs(files, analyzer, args)
+    relevance, output, target, pngs = _explain_all(analyzer, samples, spec, prep, args)
+    summary = _write_explanations(outdir, samples, pngs, relevance, output, target)
     for entry in summary:
-        print(f"sample {entry['index']}: predicted {entry['prediction']}, explained {entry['target']}, "
-              f"sum(relevance) = {entry['relevance_sum']:.4f}" + (f" -> {outdir / entry['heatmap']}" if images else ""))
-    print(f"wrote {len(images)} heatmap(s), relevance.npz and summary.json to {outdir}")
+        where = f" -> {outdir / entry['heatmap']}" if entry["heatmap"] else ""
+        print(f"{entry['input']}: predicted {entry['prediction']}, explained {entry['target']}, "
+              f"sum(relevance) = {entry['relevance_sum']:.4f}{where}")
+    n_maps = sum(png is not None for png in pngs)
+    print(f"wrote {n_maps} heatmap(s), relevance.npz and summary.json to {outdir}")
     return 0
 
 
@@ -211,13 +296,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=cmd_inspect)
 
-    p = sub.add_parser("explain", help="explain .npy inputs: heatmap PNGs, relevance.npz, summary.json")
+    from .heatmap import RANGESCALES, REDUCTIONS
+    from .images import LAYOUTS
+
+    p = sub.add_parser("explain", help="explain .npy arrays and PNG/JPEG images: heatmap PNGs, relevance.npz, "
+                                       "summary.json")
     _add_model_options(p)
-    p.add_argument("inputs", nargs="+", help=".npy files, each one sample batch [N, ...]")
+    p.add_argument("inputs", nargs="+",
+                   help=".npy files (one sample or a batch [N, ...]), .png/.jpg/.jpeg images, or folders of them")
     p.add_argument("-o", dest="output_dir", required=True, help="output folder")
     p.add_argument("--target", type=int, help="class to explain (default: the prediction)")
-    p.add_argument("--scale", type=_positive_int, default=1, help="upscale heatmaps by this factor")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="samples per inference call (default 32)")
     p.add_argument("--no-normalize-output-relevance", action="store_true")
+    g = p.add_argument_group("images (.npy inputs are fed as they are)")
+    g.add_argument("--size", nargs=2, type=_positive_int, metavar=("H", "W"), help="resize images to H x W")
+    g.add_argument("--layout", choices=LAYOUTS,
+                   help="the model's input layout (default: from its shape, 1 or 3 channels at axis 1 or last)")
+    g.add_argument("--grayscale", action="store_true",
+                   help="read images as one channel (automatic for one-channel models)")
+    g.add_argument("--scale-pixels", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide 8-bit pixels by 255")
+    g.add_argument("--mean", nargs="+", type=float, metavar="M", help="subtract per channel (after --scale-pixels)")
+    g.add_argument("--std", nargs="+", type=float, metavar="S", help="then divide per channel")
+    h = p.add_argument_group("heatmaps")
+    h.add_argument("--heatmap-scale", "--scale", dest="heatmap_scale", type=_positive_int, default=1,
+                   help="upscale heatmap PNGs by this factor (default 1: the input's pixel size)")
+    h.add_argument("--reduce", choices=REDUCTIONS, default="sum", help="over channels (default: sum)")
+    h.add_argument("--rangescale", choices=RANGESCALES, default="centered", help="default: centered")
+    h.add_argument("--colormap", default="bwr", help="any matplotlib colormap name (default: bwr)")
+    h.add_argument("--overlay", action="store_true", help="blend the heatmap over the input image")
+    h.add_argument("--alpha", type=float, default=0.5, help="the heatmap's weight in --overlay (default 0.5)")
     p.set_defaults(run=cmd_explain)
     return parser
 

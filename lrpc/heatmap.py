@@ -1,70 +1,288 @@
-"""Heatmaps of relevance: red for positive, blue for negative, white for none."""
+"""Heatmaps of relevance, following VisionHeatmaps' and TextHeatmaps' conventions.
+
+Vision: reduce the channels (``sum``, ``norm``, ``maxabs``), scale each sample's map to
+[0, 1] (``centered`` puts zero relevance at 0.5, so a diverging colormap shows it white;
+``extrema`` spans min..max), colour it with a matplotlib colormap (the diverging ``"bwr"``
+by default: red positive, blue negative) and optionally blend it over the input.
+Text: one background colour per token, as an HTML snippet or rich terminal text.
+"""
 
 from __future__ import annotations
 
+import difflib
+import html
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import LrpcError
 
-
-def _as_array(explanation) -> np.ndarray:
-    val = getattr(explanation, "val", explanation)
-    return np.asarray(val, dtype=np.float64)
-
-
-def reduce_channels(relevance: np.ndarray, reduce: str = "sum") -> np.ndarray:
-    """[N, C, H, W] -> [N, H, W] by ``sum``, ``norm`` or ``maxabs`` over channels."""
-    if relevance.ndim == 3:
-        return relevance
-    if relevance.ndim != 4:
-        raise LrpcError(f"heatmaps need [N, C, H, W] or [N, H, W] relevance, got shape {relevance.shape}")
-    if reduce == "sum":
-        return relevance.sum(axis=1)
-    if reduce == "norm":
-        return np.linalg.norm(relevance, axis=1)
-    if reduce == "maxabs":
-        return np.abs(relevance).max(axis=1)
-    raise LrpcError(f"unknown channel reduction {reduce!r} (sum, norm, maxabs)")
+REDUCTIONS = ("sum", "norm", "maxabs")
+RANGESCALES = ("centered", "extrema")
+DEFAULT_COLORMAP = "bwr"
 
 
-def rangescale(maps: np.ndarray, mode: str = "centered") -> np.ndarray:
-    """Scale each map to [0, 1]: ``centered`` puts 0 at 0.5, ``extrema`` spans min..max."""
-    out = np.empty_like(maps)
-    for i, m in enumerate(maps):
-        if mode == "centered":
-            peak = np.abs(m).max()
-            out[i] = 0.5 + (0.5 * m / peak if peak > 0 else 0.0)
-        elif mode == "extrema":
-            lo, hi = m.min(), m.max()
-            out[i] = (m - lo) / (hi - lo) if hi > lo else 0.5
-        else:
-            raise LrpcError(f"unknown rangescale {mode!r} (centered, extrema)")
-    return out
+# -- pieces ------------------------------------------------------------------------------------------
 
 
-def heatmap(explanation, reduce: str = "sum", rangescale_mode: str = "centered", colormap: str = "bwr") -> list[np.ndarray]:
-    """One RGB uint8 image [H, W, 3] per sample."""
+def get_colormap(colormap=DEFAULT_COLORMAP):
+    """A matplotlib colormap by name (or a Colormap object, returned as is)."""
+    if not isinstance(colormap, str):
+        if callable(colormap):
+            return colormap
+        raise LrpcError(f"colormap must be a matplotlib colormap name, got {colormap!r}")
     from matplotlib import colormaps
 
     try:
-        cmap = colormaps[colormap]
+        return colormaps[colormap]
     except KeyError:
-        raise LrpcError(f"unknown colormap {colormap!r}") from None
-    maps = rangescale(reduce_channels(_as_array(explanation), reduce), rangescale_mode)
-    return [(cmap(m)[..., :3] * 255).round().astype(np.uint8) for m in maps]
+        close = difflib.get_close_matches(colormap, list(colormaps), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "e.g. bwr, seismic, coolwarm, viridis"
+        raise LrpcError(f"unknown colormap {colormap!r} ({hint})") from None
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise LrpcError(f"unknown {what} {value!r} ({', '.join(choices)})")
+
+
+def _as_array(explanation) -> np.ndarray:
+    """The relevance of an Explanation (or any array), as float64 without NaN/inf."""
+    val = getattr(explanation, "val", explanation)
+    try:
+        relevance = np.asarray(val, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise LrpcError("heatmaps need a numeric relevance array or an Explanation") from None
+    # one NaN would turn a whole rangescaled map into the colormap's "bad" colour: say so instead
+    if not np.isfinite(relevance).all():
+        raise LrpcError("the relevance contains NaN or infinite values: no heatmap")
+    return relevance
+
+
+def reduce_channels(relevance: np.ndarray, reduce: str = "sum", *, channels_last: bool = False) -> np.ndarray:
+    """[N, C, H, W] (or [N, H, W, C] with ``channels_last``) -> [N, H, W] by ``sum``, ``norm``
+    or ``maxabs`` over the channels. [N, H, W] counts as one channel (``norm``/``maxabs``: |x|)."""
+    _check_choice(reduce, REDUCTIONS, "channel reduction")
+    relevance = np.asarray(relevance)
+    if relevance.ndim == 3:
+        relevance, axis = relevance[:, None], 1
+    elif relevance.ndim == 4:
+        axis = 3 if channels_last else 1
+    else:
+        raise LrpcError(f"heatmaps need [N, C, H, W], [N, H, W, C] or [N, H, W] relevance, got shape {relevance.shape}")
+    if reduce == "sum":
+        return relevance.sum(axis=axis)
+    if reduce == "norm":
+        return np.linalg.norm(relevance, axis=axis)
+    return np.abs(relevance).max(axis=axis)
+
+
+def range_scale(maps: np.ndarray, mode: str = "centered") -> np.ndarray:
+    """Scale each map of [N, ...] to [0, 1]: ``centered`` maps 0 to 0.5 and the largest |value|
+    to 0 or 1; ``extrema`` maps min..max to 0..1. A map of zeros (or, for ``extrema``, any
+    constant map) becomes 0.5: white in bwr."""
+    _check_choice(mode, RANGESCALES, "rangescale")
+    maps = np.asarray(maps, dtype=np.float64)
+    out = np.full_like(maps, 0.5)
+    for i, m in enumerate(maps):
+        if m.size == 0:
+            continue
+        if mode == "centered":
+            peak = np.abs(m).max()
+            if peak > 0:
+                out[i] = 0.5 + 0.5 * m / peak
+        else:
+            lo, hi = m.min(), m.max()
+            if hi > lo:
+                out[i] = (m - lo) / (hi - lo)
+    return out
+
+
+def colorize(scaled: np.ndarray, colormap=DEFAULT_COLORMAP) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB (a trailing axis of 3) through the colormap."""
+    cmap = get_colormap(colormap)
+    return (np.asarray(cmap(np.clip(scaled, 0.0, 1.0)))[..., :3] * 255).round().astype(np.uint8)
+
+
+def _overlay_base(image) -> np.ndarray:
+    """An input image as float RGB [H, W, 3] in [0, 1]: uint8 is divided by 255, floats already
+    in [0, 1] stay, anything else (normalized inputs) is stretched over its own min..max."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    elif a.ndim == 3 and a.shape[-1] in (3, 4):
+        a = a[..., :3]  # alpha is dropped: the heatmap is opaque
+    else:
+        raise LrpcError(f"overlay images must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a / 255.0
+    try:
+        a = a.astype(np.float64)
+    except (TypeError, ValueError):
+        raise LrpcError("the overlay image must be numeric") from None
+    if not np.isfinite(a).all():
+        raise LrpcError("the overlay image contains NaN or infinite values")
+    lo, hi = a.min(), a.max()
+    if lo >= 0 and hi <= 1:
+        return a
+    return (a - lo) / (hi - lo) if hi > lo else np.full_like(a, 0.5)
+
+
+def overlay_image(heat: np.ndarray, image, alpha: float = 0.5) -> np.ndarray:
+    """Blend a uint8 RGB heatmap [H, W, 3] over ``image`` (same H×W): ``alpha`` is the heatmap's weight."""
+    if not 0.0 <= alpha <= 1.0:
+        raise LrpcError(f"alpha must lie in [0, 1], got {alpha}")
+    base = _overlay_base(image)
+    if base.shape[:2] != heat.shape[:2]:
+        raise LrpcError(f"the overlay image is {base.shape[0]}x{base.shape[1]} but the heatmap is "
+                        f"{heat.shape[0]}x{heat.shape[1]} (H x W)")
+    blended = (1.0 - alpha) * base + alpha * (heat / 255.0)
+    return (blended * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _overlay_samples(overlay, relevance: np.ndarray, channels_last: bool) -> list[np.ndarray]:
+    """The overlay batch (in the relevance's layout) as one [H, W(, C)] image per sample."""
+    batch = np.asarray(overlay)
+    if batch.ndim == relevance.ndim - 1:
+        batch = batch[None]  # one sample without its batch axis
+    if batch.ndim != relevance.ndim or len(batch) != len(relevance):
+        raise LrpcError(f"the overlay has shape {batch.shape}; give one image per sample in the "
+                        f"relevance's layout {relevance.shape}")
+    if relevance.ndim == 4 and not channels_last:
+        return [np.moveaxis(sample, 0, -1) for sample in batch]  # [C, H, W] -> [H, W, C]
+    return list(batch)
+
+
+# -- vision --------------------------------------------------------------------------------------------
+
+
+def heatmap(
+    explanation,
+    *,
+    reduce: str = "sum",
+    rangescale: str = "centered",
+    colormap=DEFAULT_COLORMAP,
+    overlay=None,
+    alpha: float = 0.5,
+    channels_last: bool = False,
+) -> list[np.ndarray]:
+    """One uint8 RGB image [H, W, 3] per sample, the same H×W as the relevance.
+
+    ``explanation``: an :class:`~lrpc.Explanation` or a relevance array [N, C, H, W],
+    [N, H, W, C] (``channels_last=True``) or [N, H, W]. ``reduce``: ``sum`` (default),
+    ``norm`` or ``maxabs`` over channels; ``rangescale``: ``centered`` (default) or
+    ``extrema``, per sample; ``colormap``: any matplotlib colormap name (default the
+    diverging ``bwr``). ``overlay``: the input batch, in the relevance's layout (uint8, or
+    floats), drawn under the heatmap, which gets weight ``alpha``.
+    """
+    relevance = _as_array(explanation)
+    maps = range_scale(reduce_channels(relevance, reduce, channels_last=channels_last), rangescale)
+    images = list(colorize(maps, colormap))
+    if overlay is not None:
+        bases = _overlay_samples(overlay, relevance, channels_last)
+        images = [overlay_image(img, base, alpha) for img, base in zip(images, bases)]
+    return images
+
+
+def encode_png(image: np.ndarray, scale: int = 1) -> bytes:
+    """PNG bytes of an RGB image, nearest-neighbour upscaled by ``scale`` (pixels stay sharp)."""
+    from PIL import Image
+
+    if scale < 1:
+        raise LrpcError(f"the heatmap scale must be at least 1, got {scale}")
+    img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def save_png(image: np.ndarray, path, scale: int = 1) -> Path:
     """Write an RGB image (nearest-neighbour upscaled by ``scale``) atomically."""
-    from PIL import Image
-
     from .graph import atomic_path
 
-    img = Image.fromarray(image)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    data = encode_png(image, scale)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        Path(tmp).write_bytes(data)
     return Path(path)
+
+
+# -- text ---------------------------------------------------------------------------------------------
+
+
+def _hex(rgb) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb))
+
+
+def _text_colour(rgb) -> str:
+    """Black on light backgrounds, white on dark ones, so every token stays readable."""
+    r, g, b = (int(c) / 255 for c in rgb)
+    return "#000000" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.5 else "#ffffff"
+
+
+@dataclass(frozen=True)
+class TextHeatmap:
+    """Tokens with their relevance and background colour; ``to_html()`` / ``to_terminal()``."""
+
+    tokens: tuple[str, ...]
+    relevance: np.ndarray
+    colors: tuple[tuple[int, int, int], ...]
+
+    def to_html(self) -> str:
+        """A self-contained HTML snippet: one ``<span>`` per token, relevance in its title."""
+        spans = (
+            f'<span style="background-color:{_hex(rgb)};color:{_text_colour(rgb)}" title="{value:.4g}">'
+            f"{html.escape(token)}</span>"
+            for token, value, rgb in zip(self.tokens, self.relevance, self.colors)
+        )
+        return '<div class="lrpc-text-heatmap" style="line-height:1.8">' + " ".join(spans) + "</div>"
+
+    def _repr_html_(self) -> str:  # Jupyter
+        return self.to_html()
+
+    def to_terminal(self):
+        """rich ``Text``: each token on its background colour, separated by spaces."""
+        from rich.text import Text
+
+        text = Text()
+        for i, (token, rgb) in enumerate(zip(self.tokens, self.colors)):
+            if i:
+                text.append(" ")
+            text.append(token, style=f"{_text_colour(rgb)} on {_hex(rgb)}")
+        return text
+
+    def __rich__(self):
+        return self.to_terminal()
+
+    def __str__(self) -> str:
+        return " ".join(self.tokens)
+
+
+def _token_relevance(relevance, n_tokens: int) -> np.ndarray:
+    """[T], [1, T] or [T, D] / [1, T, D] (embedding relevance, summed over D) -> [T]."""
+    values = _as_array(relevance)
+    if values.ndim == 3 and values.shape[0] == 1:
+        values = values[0]  # a batch of one sequence of embeddings
+    if values.ndim == 2:
+        # [T, D]: a token's relevance is that of its embedding; [1, T]: a batch of one
+        values = values.sum(axis=1) if values.shape[0] == n_tokens else values[0] if values.shape[0] == 1 else values
+    if values.ndim != 1:
+        raise LrpcError(f"text heatmaps need one relevance value per token, got shape {values.shape}")
+    if values.size != n_tokens:
+        raise LrpcError(f"{n_tokens} token(s) but {values.size} relevance value(s)")
+    return values
+
+
+def text_heatmap(tokens, relevance, *, colormap=DEFAULT_COLORMAP, rangescale: str = "centered") -> TextHeatmap:
+    """Colour each token by its relevance (an array, or an Explanation of one sequence)."""
+    if isinstance(tokens, str):
+        raise LrpcError("tokens must be a list of strings, not one string: split it first")
+    tokens = tuple(str(t) for t in tokens)
+    values = _token_relevance(relevance, len(tokens))
+    colors = colorize(range_scale(values[None], rangescale)[0], colormap) if tokens else np.zeros((0, 3))
+    return TextHeatmap(tokens, values, tuple(tuple(int(c) for c in rgb) for rgb in colors))

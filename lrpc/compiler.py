@@ -142,6 +142,10 @@ def emit_model(
     program.unfuse()  # before cleanup: fused patterns may own the only reader of a tensor
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = program.to_model()
+    # the backward's intermediate types are for the checker only: runtimes infer them
+    keep = [vi for vi in out.graph.value_info if not vi.name.startswith("lrp/")]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(keep)
     # lrp_target defaults to [-1] ("explain the arg-max") so callers may omit it.
     out.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_NAME))
     meta = {

@@ -139,7 +139,7 @@ class Rule:
 
 def propagate_generic(rule: Rule, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
     spec = layer.spec
-    acts = [em.sym(layer.act(k), nonneg=_known_nonneg(layer.act(k))) for k in range(len(layer.acts))]
+    acts = [Sym(em, layer.act(k), nonneg=_known_nonneg(layer.act(k)), batched=True) for k in range(len(layer.acts))]
     params = {role: em.sym(t) for role, t in layer.param_values.items()}
     plain_z: Sym | None = None
 
@@ -405,10 +405,13 @@ class ZBoxRule(Rule):
     def groups(self) -> list[Group]:
         def bound(value):
             def modify(a: Sym) -> Sym:
-                # broadcast the bound to the input's shape: a * 0 + bound would be cheaper
-                # to write but propagates NaN/inf; Expand is exact.
+                # the bound broadcast to one sample's shape: f(bound) is then a constant
+                # onnxruntime folds, shared by the whole batch
                 em = a.em
-                full = em.op("Expand", [em.const(value), em.shape_of(a.value)], dtype=em.dtype)
+                shape = a.value.shape
+                static = shape is not None and all(isinstance(d, int) for d in shape[1:])
+                target = em.ints([1, *shape[1:]]) if static else em.sample_shape(a.value)
+                full = em.op("Expand", [em.const(value), target], dtype=em.dtype)
                 return em.sym(full, nonneg=bool(np.all(value >= 0)))
 
             return modify

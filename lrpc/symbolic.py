@@ -85,9 +85,20 @@ class Emitter:
     def shape_of(self, x) -> gs.Variable:
         return self.op("Shape", [x], dtype=np.int64)
 
+    def sample_shape(self, x):
+        """``[1, *x.shape[1:]]``: one sample's shape, for values shared by the whole batch."""
+        return self.op("Concat", [self.ints([1]), self.dims_of(x, 1)], {"axis": 0}, dtype=np.int64)
+
     def dims_of(self, x, start: int, end: int | None = None) -> gs.Variable:
         attrs = {"start": start} if end is None else {"start": start, "end": end}
         return self.op("Shape", [x], attrs, dtype=np.int64)
+
+
+def _static(tensor) -> tuple | None:
+    shape = getattr(tensor, "shape", None)
+    if shape is None:
+        return None
+    return tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape)
 
 
 def _tensor(x):
@@ -99,14 +110,18 @@ def _tensor(x):
 class Sym:
     """A symbolic tensor bound to an :class:`Emitter`."""
 
-    __slots__ = ("em", "_tensor", "nonneg", "kind", "like")
+    __slots__ = ("em", "_tensor", "nonneg", "kind", "like", "batched")
 
-    def __init__(self, em: Emitter, tensor=None, nonneg: bool = False, kind: str = "tensor", like=None):
+    def __init__(self, em: Emitter, tensor=None, nonneg: bool = False, kind: str = "tensor", like=None,
+                 batched: bool = False):
         self.em = em
         self._tensor = tensor
         self.nonneg = nonneg or kind in ("zero", "one")
         self.kind = kind  # "tensor" | "zero" | "one"
         self.like = like  # for zero/one: the tensor whose shape they take
+        # an activation with a batch axis: its ones/zeros are the same for every sample,
+        # so they are made once ([1, ...]) and broadcast, which makes f(ones) a constant
+        self.batched = batched
 
     # -- materialization -------------------------------------------------------------
     @property
@@ -114,7 +129,17 @@ class Sym:
         """The graph tensor; symbolic zeros/ones get a node only when needed."""
         if self._tensor is None:
             fill = 0.0 if self.kind == "zero" else 1.0
-            self._tensor = self.em.filled(self.em.shape_of(_tensor(self.like)), fill)
+            like = _tensor(self.like)
+            shape = _static(like)
+            # ConstantOfShape of a constant shape: onnxruntime folds it at session start,
+            # and the file stores no array of ones
+            if self.like.batched and shape is not None and None not in shape[1:]:
+                self._tensor = self.em.filled(self.em.ints([1, *shape[1:]]), fill)
+            elif not self.like.batched and shape is not None and None not in shape:
+                self._tensor = self.em.filled(self.em.ints(shape), fill)
+            else:
+                dims = self.em.sample_shape(like) if self.like.batched else self.em.shape_of(like)
+                self._tensor = self.em.filled(dims, fill)
         return self._tensor
 
     @property
@@ -251,9 +276,12 @@ def add_all(terms: Sequence[Sym]) -> Sym:
 
 
 def stabilize(z: Sym, epsilon: float) -> Sym:
-    """``z + eps * (sign(z) + [z == 0])``: the stabilizer of Zennit and RelevancePropagation.jl."""
+    """``z + eps * (sign(z) + [z == 0])``: the stabilizer of Zennit and RelevancePropagation.jl,
+    written as ``Where(z >= 0, z + eps, z - eps)`` (four elementwise passes, not six)."""
     if epsilon == 0:
         return z
     if z.nonneg:
         return z + epsilon
-    return z + (z.sign() + z.mask("eq")) * epsilon
+    em = z.em
+    up = em.op("GreaterOrEqual", [z, em.const(0.0)], dtype=np.bool_)
+    return Sym(em, em.op("Where", [up, z + epsilon, z - epsilon], dtype=em.dtype))

@@ -22,7 +22,47 @@ def _constant_weights(node: gs.Node, acts: list[int]) -> str | None:
 
 def _conv_vjp(em, layer, inputs, params, s):
     kernel = list(static_shape(layer.node.inputs[1])[2:])
-    return [transposed_window(em, layer, s, params["weight"], kernel, int(layer.node.attrs.get("group", 1)))]
+    group = int(layer.node.attrs.get("group", 1))
+    backward = _stride_one_conv_vjp(em, layer, s, params["weight"], kernel, group)
+    if backward is not None:
+        return [backward]
+    return [transposed_window(em, layer, s, params["weight"], kernel, group)]
+
+
+def _stride_one_conv_vjp(em, layer, s, weight, kernel, group):
+    """For stride 1 the VJP is itself a convolution: the kernel with in/out channels
+    swapped and flipped in space, padded by ``d(k-1) - p``. onnxruntime's Conv is
+    1.2-1.6x faster than its ConvTranspose of the same size, and the weight rewrite is
+    folded once at session start. None when the layer does not qualify."""
+    node = layer.node
+    n = len(kernel)
+    if int_list(node, "strides", [1] * n) != [1] * n:
+        return None
+    dilations = int_list(node, "dilations", [1] * n)
+    span = [d * (k - 1) for d, k in zip(dilations, kernel)]
+    auto = text_attr(node, "auto_pad", "NOTSET")
+    if auto in ("NOTSET", ""):
+        pads = int_list(node, "pads", [0] * (2 * n))
+    elif auto == "VALID":
+        pads = [0] * (2 * n)
+    else:  # SAME_*: with stride 1 the total padding is the kernel span, whatever the size
+        small = [t // 2 for t in span]
+        begin = small if auto == "SAME_UPPER" else [t - b for t, b in zip(span, small)]
+        pads = begin + [t - b for t, b in zip(span, begin)]
+    back = [span[i % n] - p for i, p in enumerate(pads)]
+    if min(back) < 0:
+        return None
+    w_shape = static_shape(node.inputs[1])
+    out_channels, in_per_group = w_shape[0], w_shape[1]
+    grouped = em.op("Reshape", [weight, em.ints([group, out_channels // group, in_per_group, *kernel])], dtype=em.dtype)
+    swapped = em.op("Transpose", [grouped], {"perm": [0, 2, 1] + list(range(3, 3 + n))}, dtype=em.dtype)
+    swapped = em.op("Reshape", [swapped, em.ints([in_per_group * group, out_channels // group, *kernel])],
+                    dtype=em.dtype)
+    axes = list(range(2, 2 + n))
+    flipped = em.op("Slice", [swapped, em.ints([-1] * n), em.ints([-(2**62)] * n), em.ints(axes), em.ints([-1] * n)],
+                    dtype=em.dtype)
+    attrs = {"kernel_shape": list(kernel), "dilations": dilations, "pads": back, "group": group}
+    return em.sym(em.op("Conv", [s, flipped], attrs, dtype=em.dtype))
 
 
 def _conv_transpose_check(node: gs.Node, acts: list[int]) -> str | None:

@@ -10,17 +10,16 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+import lrpc
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
 
-import lrpc
-from lrpc.cli import main
+from support.cli import Result
 from support.graphs import small_cnn, with_node_before_output
 
 LRPC_SCRIPT = Path(sys.executable).parent / "lrpc"
@@ -45,34 +44,6 @@ OFFENDERS = {"Tanh": ACTIVATION, "Sigmoid": ACTIVATION, "Hardmax": UNKNOWN_LAYER
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def err_lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if line.strip()]
-
-
-@pytest.fixture(autouse=True)
-def _wide_terminal(monkeypatch):
-    """Rich sizes its tables from COLUMNS: fix it so the output does not depend on the terminal."""
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.delenv("LRPC_DEBUG", raising=False)
-
-
-@pytest.fixture
-def cli(capsys):
-    def invoke(*argv) -> Result:
-        code = main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return invoke
 
 
 def with_chain(model: onnx.ModelProto, ops) -> onnx.ModelProto:

@@ -4,9 +4,10 @@ batching, plain and compiled models; bad inputs give one error line and write no
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+import lrpc
+import lrpc.cli
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -14,42 +15,11 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-import lrpc
-import lrpc.cli
-from lrpc.cli import main
-
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 MODEL = DIGITS / "digits_cnn.onnx"
 SAMPLES = DIGITS / "samples.npy"
 LABELS = json.loads((DIGITS / "samples_labels.json").read_text())
 N = len(LABELS)
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def err_lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if line.strip()]
-
-
-@pytest.fixture(autouse=True)
-def _plain_environment(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.delenv("LRPC_DEBUG", raising=False)
-
-
-@pytest.fixture
-def cli(capsys):
-    def invoke(*argv) -> Result:
-        code = main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return invoke
 
 
 @pytest.fixture(scope="module")

@@ -140,7 +140,7 @@ class Rule:
 def propagate_generic(rule: Rule, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
     spec = layer.spec
     acts = [Sym(em, layer.act(k), nonneg=_known_nonneg(layer.act(k)), batched=True) for k in range(len(layer.acts))]
-    params = {role: em.sym(t) for role, t in layer.param_values.items()}
+    params = {role: em.sym(t, nonneg=_constant_nonneg(t)) for role, t in layer.param_values.items()}
     plain_z: Sym | None = None
 
     def plain_output() -> Sym:
@@ -183,6 +183,11 @@ def propagate_generic(rule: Rule, em: Emitter, layer: Layer, R: Sym) -> list[Sym
                     contribution = contribution * scale
                 totals[k].append(contribution)
     return [add_all(t) if t else acts[k].zeros_like() for k, t in enumerate(totals)]
+
+
+def _constant_nonneg(tensor) -> bool:
+    values = getattr(tensor, "values", None)
+    return values is not None and bool(np.all(np.asarray(values) >= 0))
 
 
 def _known_nonneg(tensor) -> bool:

@@ -129,8 +129,22 @@ def clone_forward(em: Emitter, layer: Layer, inputs: list, params: dict) -> Sym:
         new_inputs[slot] = inputs[k]
     for role, slot in layer.param_slots.items():
         new_inputs[slot] = params[role]
-    nonneg = node.op in ("MaxPool", "AveragePool", "GlobalAveragePool", "Resize") and all(x.nonneg for x in inputs)
+    # non-negative in, non-negative out for sums of products (z⁺ of ZPlus): the stabilizer
+    # then needs no sign test
+    nonneg = (
+        node.op in NONNEG_PRESERVING
+        and all(x.nonneg for x in inputs)
+        and all(p.nonneg for p in params.values())
+        and all(float(node.attrs.get(a, 1.0)) >= 0 for a in ("alpha", "beta"))
+    )
     return em.sym(em.op(node.op, new_inputs, node.attrs, dtype=em.dtype, hint=node.op), nonneg=nonneg)
+
+
+#: ops whose output is >= 0 when every input and parameter is
+NONNEG_PRESERVING = {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sum", "Mul", "Concat", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "ReduceMean", "Resize", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
+}
 
 
 def identity_route(em: Emitter, layer: Layer, R: Sym) -> list:

@@ -140,7 +140,8 @@ class Rule:
 def propagate_generic(rule: Rule, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
     spec = layer.spec
     acts = [Sym(em, layer.act(k), nonneg=_known_nonneg(layer.act(k)), batched=True) for k in range(len(layer.acts))]
-    params = {role: em.sym(t, nonneg=_constant_nonneg(t)) for role, t in layer.param_values.items()}
+    params = {role: em.sym(t, nonneg=_constant_sign(t, 1), nonpos=_constant_sign(t, -1))
+              for role, t in layer.param_values.items()}
     plain_z: Sym | None = None
 
     def plain_output() -> Sym:
@@ -185,9 +186,10 @@ def propagate_generic(rule: Rule, em: Emitter, layer: Layer, R: Sym) -> list[Sym
     return [add_all(t) if t else acts[k].zeros_like() for k, t in enumerate(totals)]
 
 
-def _constant_nonneg(tensor) -> bool:
+def _constant_sign(tensor, sign: int) -> bool:
+    """A constant whose values are all >= 0 (sign 1) or all <= 0 (sign -1)."""
     values = getattr(tensor, "values", None)
-    return values is not None and bool(np.all(np.asarray(values) >= 0))
+    return values is not None and bool(np.all(sign * np.asarray(values) >= 0))
 
 
 def _known_nonneg(tensor) -> bool:

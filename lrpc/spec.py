@@ -26,7 +26,7 @@ from typing import Callable
 
 import onnx_graphsurgeon as gs
 
-from .symbolic import Emitter, Sym
+from .symbolic import Emitter, Sym, same_sign
 
 
 class Kind(str, Enum):
@@ -129,21 +129,29 @@ def clone_forward(em: Emitter, layer: Layer, inputs: list, params: dict) -> Sym:
         new_inputs[slot] = inputs[k]
     for role, slot in layer.param_slots.items():
         new_inputs[slot] = params[role]
-    # non-negative in, non-negative out for sums of products (z⁺ of ZPlus): the stabilizer
-    # then needs no sign test
-    nonneg = (
-        node.op in NONNEG_PRESERVING
-        and all(x.nonneg for x in inputs)
-        and all(p.nonneg for p in params.values())
-        and all(float(node.attrs.get(a, 1.0)) >= 0 for a in ("alpha", "beta"))
-    )
-    return em.sym(em.op(node.op, new_inputs, node.attrs, dtype=em.dtype, hint=node.op), nonneg=nonneg)
+    return em.sym(em.op(node.op, new_inputs, node.attrs, dtype=em.dtype, hint=node.op),
+                  nonneg=_output_nonneg(node, inputs, params))
 
 
+def _output_nonneg(node: gs.Node, inputs: list, params: dict) -> bool:
+    """Known sign in, known sign out: the z⁺ terms of ZPlus (a⁺W⁺ and a⁻W⁻) are >= 0, so
+    their stabilizer needs no sign test."""
+    if any(float(node.attrs.get(a, 1.0)) < 0 for a in ("alpha", "beta")):
+        return False
+    bias = params.get("bias")
+    if node.op in PRODUCTS:
+        weight = params.get("weight")
+        bias_ok = bias is None or bias.nonneg
+        return len(inputs) == 1 and weight is not None and bias_ok and same_sign(inputs[0], weight)
+    return node.op in SIGN_PRESERVING and all(x.nonneg for x in inputs) and all(p.nonneg for p in params.values())
+
+
+#: linear ops multiplying their input by a weight (sign of the output = product of signs)
+PRODUCTS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Mul"}
 #: ops whose output is >= 0 when every input and parameter is
-NONNEG_PRESERVING = {
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sum", "Mul", "Concat", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "ReduceMean", "Resize", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
+SIGN_PRESERVING = {
+    "Add", "Sum", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Resize", "Reshape",
+    "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Pad",
 }
 
 

@@ -9,8 +9,9 @@ does not grow by modified weight copies.
 
 A ``Sym`` also carries two facts the emitter uses to skip work:
 
-- ``nonneg``: the value is known to be >= 0 (a Relu output, ones, ...), so
-  ``clamp(max=0)`` of it is zero;
+- ``nonneg`` / ``nonpos``: the value is known to be >= 0 (a Relu output, ones, ...) or
+  <= 0 (``clamp(max=0)``), so ``clamp(max=0)`` of a non-negative value is zero and a
+  stabilizer needs no sign test;
 - ``kind``: ``"zero"`` or ``"one"`` for symbolic constants that need no node at all until
   something asks for their value.
 """
@@ -73,8 +74,8 @@ class Emitter:
     def ints(self, values: Iterable[int]) -> gs.Constant:
         return self.const(np.asarray(list(values), dtype=np.int64), dtype=np.int64)
 
-    def sym(self, tensor, nonneg: bool = False) -> "Sym":
-        return Sym(self, tensor, nonneg=nonneg)
+    def sym(self, tensor, nonneg: bool = False, nonpos: bool = False) -> "Sym":
+        return Sym(self, tensor, nonneg=nonneg, nonpos=nonpos)
 
     def filled(self, shape, value: float):
         """``ConstantOfShape``: a tensor of the given runtime shape filled with ``value``."""
@@ -110,13 +111,14 @@ def _tensor(x):
 class Sym:
     """A symbolic tensor bound to an :class:`Emitter`."""
 
-    __slots__ = ("em", "_tensor", "nonneg", "kind", "like", "batched")
+    __slots__ = ("em", "_tensor", "nonneg", "nonpos", "kind", "like", "batched")
 
     def __init__(self, em: Emitter, tensor=None, nonneg: bool = False, kind: str = "tensor", like=None,
-                 batched: bool = False):
+                 batched: bool = False, nonpos: bool = False):
         self.em = em
         self._tensor = tensor
         self.nonneg = nonneg or kind in ("zero", "one")
+        self.nonpos = nonpos or kind == "zero"
         self.kind = kind  # "tensor" | "zero" | "one"
         self.like = like  # for zero/one: the tensor whose shape they take
         # an activation with a batch axis: its ones/zeros are the same for every sample,
@@ -150,17 +152,18 @@ class Sym:
     def is_one(self) -> bool:
         return self.kind == "one"
 
-    def _wrap(self, tensor, nonneg=False) -> "Sym":
-        return Sym(self.em, tensor, nonneg=nonneg)
+    def _wrap(self, tensor, nonneg=False, nonpos=False) -> "Sym":
+        return Sym(self.em, tensor, nonneg=nonneg, nonpos=nonpos)
 
     def _coerce(self, other) -> "Sym":
         if isinstance(other, Sym):
             return other
-        return Sym(self.em, self.em.const(other), nonneg=bool(np.all(np.asarray(other) >= 0)))
+        value = np.asarray(other)
+        return Sym(self.em, self.em.const(other), nonneg=bool(np.all(value >= 0)), nonpos=bool(np.all(value <= 0)))
 
-    def _binary(self, op_type, other, nonneg=False) -> "Sym":
+    def _binary(self, op_type, other, nonneg=False, nonpos=False) -> "Sym":
         other = self._coerce(other)
-        return self._wrap(self.em.op(op_type, [self, other], dtype=self.em.dtype), nonneg=nonneg)
+        return self._wrap(self.em.op(op_type, [self, other], dtype=self.em.dtype), nonneg=nonneg, nonpos=nonpos)
 
     # -- arithmetic ------------------------------------------------------------------
     def __add__(self, other):
@@ -169,7 +172,7 @@ class Sym:
             return self
         if self.is_zero:
             return other
-        return self._binary("Add", other, nonneg=self.nonneg and other.nonneg)
+        return self._binary("Add", other, nonneg=self.nonneg and other.nonneg, nonpos=self.nonpos and other.nonpos)
 
     __radd__ = __add__
 
@@ -192,7 +195,7 @@ class Sym:
             return self
         if self.is_one:
             return other
-        return self._binary("Mul", other, nonneg=self.nonneg and other.nonneg)
+        return self._binary("Mul", other, nonneg=same_sign(self, other), nonpos=opposite_sign(self, other))
 
     __rmul__ = __mul__
 
@@ -205,7 +208,7 @@ class Sym:
     def __neg__(self):
         if self.is_zero:
             return self
-        return self._wrap(self.em.op("Neg", [self], dtype=self.em.dtype))
+        return self._wrap(self.em.op("Neg", [self], dtype=self.em.dtype), nonneg=self.nonpos, nonpos=self.nonneg)
 
     def __pow__(self, exponent):
         if exponent == 2:
@@ -260,6 +263,16 @@ def _onnx_dtype(dtype) -> int:
     from onnx import helper
 
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def same_sign(*syms: Sym) -> bool:
+    """A product of these is >= 0: all non-negative, or all non-positive (of an even count)."""
+    return all(s.nonneg for s in syms) or (len(syms) % 2 == 0 and all(s.nonpos for s in syms))
+
+
+def opposite_sign(a: Sym, b: Sym) -> bool:
+    """``a * b`` is <= 0."""
+    return (a.nonneg and b.nonpos) or (a.nonpos and b.nonneg)
 
 
 def add_all(terms: Sequence[Sym]) -> Sym:

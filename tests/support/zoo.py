@@ -33,7 +33,8 @@ NUM_CLASSES = {'lenet': 10, 'vgg': 10, 'vgg_avg': 10, 'resnet': 10, 'mlp': 5}
 # parameter initialisation
 # --------------------------------------------------------------------------------------------------
 
-def _init_parameters(model: nn.Module, seed: int) -> nn.Module:
+def init_parameters(model: nn.Module, seed: int) -> nn.Module:
+    """He-normal weights, small biases and non-trivial BatchNorm statistics, from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -54,7 +55,7 @@ def _init_parameters(model: nn.Module, seed: int) -> nn.Module:
 def _build(factory, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         model = factory()
-    return _init_parameters(model, seed)
+    return init_parameters(model, seed)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -573,31 +573,25 @@ HEADERS = ['model', 'batch', 'ORT ms', 'lrpc ms', 'Zennit ms', 'Captum ms', 'lrp
 
 
 def targets(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
-    """``(target, passed, measured)``; passed is None when not measured."""
-    result = []
-    speedups = [(row.zennit_over_lrpc, row) for row in rows if row.zennit_over_lrpc is not None]
-    if speedups:
-        worst, row = min(speedups, key=lambda item: item[0])
-        result.append((f'lrpc >= {TARGET_ZENNIT_SPEEDUP:g}x faster than Zennit (worst model)', worst >= TARGET_ZENNIT_SPEEDUP,
-                       f'{worst:.2f}x ({row.model} b{row.batch})'))
-    else:
-        result.append((f'lrpc >= {TARGET_ZENNIT_SPEEDUP:g}x faster than Zennit (worst model)', None, 'not measured'))
-    ratios = [(row.lrpc_over_ort, row) for row in rows if row.lrpc_over_ort is not None]
-    if ratios:
-        worst, row = max(ratios, key=lambda item: item[0])
-        result.append((f'lrpc <= {TARGET_ORT_RATIO:g}x plain ORT inference (worst model)', worst <= TARGET_ORT_RATIO,
-                       f'{worst:.2f}x ({row.model} b{row.batch})'))
-    compiles = [row.compile_s for row in rows if row.model == 'resnet50' and row.compile_s is not None]
-    if compiles:
-        result.append((f'compiling ResNet-50 < {TARGET_COMPILE_S:g} s', compiles[0] < TARGET_COMPILE_S, f'{compiles[0]:.2f} s'))
-    else:
-        result.append((f'compiling ResNet-50 < {TARGET_COMPILE_S:g} s', None, 'not measured'))
-    sizes = [(row.size_ratio, row) for row in rows if row.size_ratio is not None]
-    if sizes:
-        worst, row = max(sizes, key=lambda item: item[0])
-        result.append((f'compiled file <= {TARGET_SIZE_RATIO:g}x the original (worst model)', worst <= TARGET_SIZE_RATIO,
-                       f'{worst:.3f}x ({row.model})'))
-    return result
+    """``(target, passed, measured)`` for the issue's four targets; passed is None when not measured."""
+    def worst(label, value, pick, ok, show):
+        measured = [(value(row), row) for row in rows if value(row) is not None]
+        if not measured:
+            return (label, None, 'not measured')
+        amount, row = pick(measured, key=lambda item: item[0])
+        return (label, ok(amount), show(amount, row))
+
+    return [
+        worst(f'lrpc >= {TARGET_ZENNIT_SPEEDUP:g}x faster than Zennit (worst model)', lambda r: r.zennit_over_lrpc,
+              min, lambda v: v >= TARGET_ZENNIT_SPEEDUP, lambda v, r: f'{v:.2f}x ({r.model} b{r.batch})'),
+        worst(f'lrpc <= {TARGET_ORT_RATIO:g}x plain ORT inference (worst model)', lambda r: r.lrpc_over_ort,
+              max, lambda v: v <= TARGET_ORT_RATIO, lambda v, r: f'{v:.2f}x ({r.model} b{r.batch})'),
+        worst(f'compiling ResNet-50 < {TARGET_COMPILE_S:g} s',
+              lambda r: r.compile_s if r.model == 'resnet50' else None,
+              max, lambda v: v < TARGET_COMPILE_S, lambda v, r: f'{v:.2f} s'),
+        worst(f'compiled file <= {TARGET_SIZE_RATIO:g}x the original (worst model)', lambda r: r.size_ratio,
+              max, lambda v: v <= TARGET_SIZE_RATIO, lambda v, r: f'{v:.3f}x ({r.model})'),
+    ]
 
 
 def _verdict(passed: bool | None) -> str:

@@ -248,40 +248,49 @@ def test_backend_models_are_there():
     assert len(BACKEND_MODELS) > 50, f"no pytorch-converted models under {BACKEND}"
 
 
-@pytest.mark.parametrize("name", BACKEND_MODELS)
-def test_backend_model_compiles_or_refuses_cleanly(name):
+def _backend_case(name: str):
+    """(model, input names, inputs, expected outputs by name) of one pytorch-converted test model."""
     folder = BACKEND / name
-    original = onnx.load(str(folder / "model.onnx"))
-    initializers = {t.name for t in original.graph.initializer}
-    input_names = [i.name for i in original.graph.input if i.name not in initializers]
-    output_names = [o.name for o in original.graph.output]
+    model = onnx.load(str(folder / "model.onnx"))
+    initializers = {t.name for t in model.graph.initializer}
+    input_names = [i.name for i in model.graph.input if i.name not in initializers]
     data = folder / "test_data_set_0"
     inputs = [_load_pb(p) for p in sorted(glob.glob(str(data / "input_*.pb")))]
     expected = [_load_pb(p) for p in sorted(glob.glob(str(data / "output_*.pb")))]
+    output_names = [o.name for o in model.graph.output]
     assert len(inputs) == len(input_names) and len(expected) == len(output_names)
+    return model, input_names, inputs, dict(zip(output_names, expected))
 
+
+def _compiles_or_refuses_cleanly(label: str, model, input_names, inputs, expected: dict) -> None:
+    """Either an lrpc.LrpcError, or a compiled file that onnxruntime runs, with the model's own
+    outputs unchanged and a finite relevance shaped like the input; anything else fails."""
     try:
-        compiled = lrpc.compile(str(folder / "model.onnx"))
+        compiled = lrpc.compile(model)
     except lrpc.LrpcError:
         return  # a clean refusal is fine
     except Exception as error:
         raise AssertionError(
-            f"{name}: lrpc.compile raised {type(error).__name__} (not an lrpc.LrpcError): {error}"
+            f"{label}: lrpc.compile raised {type(error).__name__} (not an lrpc.LrpcError): {error}"
         ) from error
-
     try:
         outs = _run(compiled, dict(zip(input_names, inputs)))
     except Exception as error:
         raise AssertionError(
-            f"{name}: onnxruntime cannot run the compiled model: {type(error).__name__}: {error}"
+            f"{label}: onnxruntime cannot run the compiled model: {type(error).__name__}: {error}"
         ) from error
-    for out_name, want in zip(output_names, expected):
-        assert out_name in outs, f"{name}: the compiled model lost output {out_name!r}"
-        np.testing.assert_allclose(outs[out_name], want, atol=1e-4, rtol=0, err_msg=f"{name}: output {out_name!r}")
-    assert RELEVANCE in outs, f"{name}: no {RELEVANCE!r} output"
+    for out_name, want in expected.items():
+        assert out_name in outs, f"{label}: the compiled model lost output {out_name!r}"
+        np.testing.assert_allclose(outs[out_name], want, atol=1e-4, rtol=0, err_msg=f"{label}: output {out_name!r}")
+    assert RELEVANCE in outs, f"{label}: no {RELEVANCE!r} output"
     r = outs[RELEVANCE]
-    assert r.shape == inputs[0].shape, f"{name}: relevance {r.shape} vs input {inputs[0].shape}"
-    assert np.all(np.isfinite(r)), f"{name}: relevance is not finite"
+    assert r.shape == inputs[0].shape, f"{label}: relevance {r.shape} vs input {inputs[0].shape}"
+    assert np.all(np.isfinite(r)), f"{label}: relevance is not finite"
+
+
+@pytest.mark.parametrize("name", BACKEND_MODELS)
+def test_backend_model_compiles_or_refuses_cleanly(name):
+    _compiles_or_refuses_cleanly(name, *_backend_case(name))
 
 
 def _rank_gt2_single_output(name: str) -> bool:
@@ -298,36 +307,13 @@ def test_backend_model_with_flatten_head(name):
     """The same models with a Flatten appended, so the relevance start is [batch, features]
     and the ops themselves (Conv1d/3d, groups, dilations, pooling, BatchNorm, PReLU, Pad, ...)
     are compiled rather than refused for their output rank. Same acceptance as above."""
-    folder = BACKEND / name
-    model = onnx.load(str(folder / "model.onnx"))
-    initializers = {t.name for t in model.graph.initializer}
-    input_names = [i.name for i in model.graph.input if i.name not in initializers]
-    data = folder / "test_data_set_0"
-    inputs = [_load_pb(p) for p in sorted(glob.glob(str(data / "input_*.pb")))]
-    expected = _load_pb(str(data / "output_0.pb"))
-    flat = expected.reshape(expected.shape[0], -1)
+    model, input_names, inputs, expected = _backend_case(name)
+    flat = next(iter(expected.values()))
+    flat = flat.reshape(flat.shape[0], -1)
     model.graph.node.append(helper.make_node("Flatten", [model.graph.output[0].name], ["flat"], axis=1))
     del model.graph.output[:]
     model.graph.output.append(helper.make_tensor_value_info("flat", TensorProto.FLOAT, list(flat.shape)))
-
-    try:
-        compiled = lrpc.compile(model)
-    except lrpc.LrpcError:
-        return
-    except Exception as error:
-        raise AssertionError(
-            f"{name} + Flatten: lrpc.compile raised {type(error).__name__} (not an lrpc.LrpcError): {error}"
-        ) from error
-    try:
-        outs = _run(compiled, dict(zip(input_names, inputs)))
-    except Exception as error:
-        raise AssertionError(
-            f"{name} + Flatten: onnxruntime cannot run the compiled model: {type(error).__name__}: {error}"
-        ) from error
-    np.testing.assert_allclose(outs["flat"], flat, atol=1e-4, rtol=0, err_msg=f"{name} + Flatten")
-    r = outs[RELEVANCE]
-    assert r.shape == inputs[0].shape, f"{name} + Flatten: relevance {r.shape} vs input {inputs[0].shape}"
-    assert np.all(np.isfinite(r)), f"{name} + Flatten: relevance is not finite"
+    _compiles_or_refuses_cleanly(f"{name} + Flatten", model, input_names, inputs, {"flat": flat})
 
 
 # -- an old-opset model: opset 9, IR 4, initializers also listed as graph inputs ------------

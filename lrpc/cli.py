@@ -245,6 +245,10 @@ def cmd_explain(args) -> int:
     analyzer = LRP(args.model, _composite_from_args(args), input_name=args.input_name,
                    output_name=args.output_name, skip_checks=args.skip_checks,
                    normalize_output_relevance=not args.no_normalize_output_relevance)
+    if any(p.key == "lrpc.crp" for p in analyzer.model.metadata_props):
+        # one relevance row per feature and input: not one heatmap per input file
+        raise LrpcError(f"{args.model} was compiled for CRP; explain a plain or LRP-compiled model "
+                        "(CRP heatmaps: lrpc.CRP in Python, see examples/crp_digits.py)")
     spec, prep, samples = _read_inputs(files, analyzer, args)
     relevance, output, target, pngs = _explain_all(analyzer, samples, spec, prep, args)
     summary = _write_explanations(outdir, samples, pngs, relevance, output, target)

@@ -127,3 +127,14 @@ def test_crp_from_the_command_line(tmp_path, lenet, capsys):
     assert "--crp-layer and --features go together" in capsys.readouterr().err
     assert main(["compile", str(src), "-o", str(out), "--crp-layer", "2", "--features", "top:x"]) == 2
     assert "--features must be 'top:N'" in capsys.readouterr().err
+
+
+def test_explain_refuses_a_crp_compiled_file(tmp_path, lenet, cli):
+    _, exported = lenet
+    src, out = tmp_path / "lenet.onnx", tmp_path / "lenet.crp.onnx"
+    onnx.save(exported, src)
+    assert cli("compile", src, "-o", out, "--crp-layer", "2", "--features", "top:2").code == 0
+    batch = tmp_path / "x.npy"
+    np.save(batch, zoo.example_input("lenet", 2, seed=1))
+    result = cli("explain", out, batch, "-o", tmp_path / "e")
+    assert result.code == 2 and "compiled for CRP" in result.err and not (tmp_path / "e").exists()

@@ -80,7 +80,8 @@ def emit_relevance(
         times = concept.features.count()
         x_final = tile_batch(em, x, times)
         lower, lower_table = _clone_below(program, table, x, x_final, at)
-        pending = backward.run(lower, lower_table, {lower_table.renamed[at.name]: [masked]})
+        pending = backward.run(lower, lower_table, {lower_table.renamed[at.name]: [masked]},
+                               original_names=lower_table.original_names)
         shape = ["crp_batch", *x.shape[1:]]
         extra.append(_named_output(graph, indices, FEATURES_NAME, np.int64, [times, "batch"]))
 
@@ -112,8 +113,11 @@ class _Backward:
         self.em, self.rules, self.watch = em, rules, watch
         self.captured: dict[str, Sym] = {}
 
-    def run(self, nodes, table, pending: dict, stop_after: gs.Node | None = None) -> dict:
+    def run(self, nodes, table, pending: dict, stop_after: gs.Node | None = None,
+            original_names: dict | None = None) -> dict:
+        """``original_names``: clone tensor name -> the name ``--relevance-at`` knows (CRP)."""
         em = self.em
+        original_names = original_names or {}
         for node in reversed(nodes):
             if node is stop_after:
                 break
@@ -122,7 +126,7 @@ class _Backward:
                 continue
             relevances = [add_all(parts) if parts else None for parts in arrived]
             for t, r in zip(node.outputs, relevances):
-                original = getattr(table, "original_names", {}).get(t.name, t.name)
+                original = original_names.get(t.name, t.name)
                 if r is not None and original in self.watch:
                     self.captured[original] = r
             layer = table.by_node.get(id(node))

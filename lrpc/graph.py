@@ -138,8 +138,8 @@ class Program:
         """Replace ``nodes`` by one node of the ``lrpc.fused`` domain (for analysis only).
 
         Relevance treats the pattern as one op (``x * Sigmoid(x)`` is one SiLU
-        activation). :meth:`to_model` puts the original nodes back, so the compiled
-        file computes the forward pass exactly as the input model did and contains only
+        activation). :meth:`unfuse` (also run by :meth:`to_model`) puts the original
+        nodes back, so the compiled file computes the pattern with the input model's own
         standard ops.
         """
         saved = [(n, list(n.inputs), list(n.outputs)) for n in nodes]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def small_cnn(seed: int = 0, softmax: bool = False, extra_nodes=(), names: bool = True) -> "onnx.ModelProto":
+def small_cnn(seed: int = 0, softmax: bool = False, extra_nodes=(), names: bool = True) -> onnx.ModelProto:
     """Conv-Relu-MaxPool-Conv-Relu-GAP-Flatten-Gemm-Relu-Gemm on [N, 3, 8, 8], 10 classes.
 
     Node names follow the torch exporter's module paths (``/features/features.0/Conv``).
@@ -53,8 +54,6 @@ def small_cnn(seed: int = 0, softmax: bool = False, extra_nodes=(), names: bool 
 
 def with_node_before_output(model, op_type: str, **attrs):
     """Insert ``op_type`` (one input, same shape) right before the last Gemm; can be repeated."""
-    import onnx
-
     m = onnx.ModelProto()
     m.CopyFrom(model)
     nodes = list(m.graph.node)

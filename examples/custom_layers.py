@@ -16,13 +16,14 @@ import lrpc
 from lrpc.registry import unregister
 
 
-def model_with(op_type: str) -> "onnx.ModelProto":
+def model_with(op_type: str, **attrs) -> "onnx.ModelProto":
     """Dense(100 -> 20) -> <op_type> -> Dense(20 -> 10), like the Flux chain of the guide."""
     rng = np.random.default_rng(0)
     graph = helper.make_graph(
         [
             helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="/dense1/Gemm"),
-            helper.make_node(op_type, ["h"], ["a"], name=f"/custom/{op_type}"),
+            helper.make_node(op_type, ["h", *(["axis"] if op_type == "CumSum" else [])], ["a"],
+                             name=f"/custom/{op_type}", **attrs),
             helper.make_node("Gemm", ["a", "w2", "b2"], ["logits"], transB=1, name="/dense2/Gemm"),
         ],
         "chain",
@@ -33,6 +34,7 @@ def model_with(op_type: str) -> "onnx.ModelProto":
             numpy_helper.from_array(np.zeros(20, np.float32), "b1"),
             numpy_helper.from_array(rng.standard_normal((10, 20)).astype(np.float32) * 0.3, "w2"),
             numpy_helper.from_array(np.zeros(10, np.float32), "b2"),
+            numpy_helper.from_array(np.array(1, np.int64), "axis"),
         ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -42,17 +44,20 @@ def main() -> None:
     x = np.random.default_rng(1).standard_normal((2, 100)).astype(np.float32)
 
     # 1. A layer lrpc does not know: the model check fails with a summary table.
-    #    (`Neg` doubles as "MyDoublingLayer": any op without a registry entry.)
-    doubling = model_with("Neg")
+    #    (`CumSum` stands for "MyLayer": any op without a registry entry.)
+    running = model_with("CumSum")
     try:
-        lrpc.LRP(doubling)
+        lrpc.LRP(running)
     except lrpc.UnsupportedModelError as error:
         print(error)
         print()
 
-    # 2. Register it: Neg is linear, its VJP negates the incoming gradient.
-    lrpc.register_layer("Neg", vjp=lambda em, layer, inputs, params, s: [-s])
-    analyzer = lrpc.LRP(doubling, lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule())))
+    # 2. Register it: a running sum is linear; its VJP is the running sum taken backwards.
+    def cumsum_vjp(em, layer, inputs, params, s):
+        return [em.sym(em.op("CumSum", [s, layer.node.inputs[1]], {"reverse": 1}, dtype=em.dtype))]
+
+    lrpc.register_layer("CumSum", vjp=cumsum_vjp)
+    analyzer = lrpc.LRP(running, lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule())))
     print(analyzer)
     print("relevance sums:", analyzer.analyze(x).val.sum(axis=1))
 
@@ -68,8 +73,8 @@ def main() -> None:
     # 4. Skipping the checks, at your own risk: unknown ops that keep the shape pass
     #    relevance through unchanged.
     unregister("Softsign")
-    unregister("Neg")
-    skipped = lrpc.LRP(model_with("Tanh"), skip_checks=True)
+    unregister("CumSum")
+    skipped = lrpc.LRP(model_with("Softsign"), skip_checks=True)
     print("skip_checks:", skipped.analyze(x).val.shape)
 
 

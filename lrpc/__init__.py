@@ -13,6 +13,9 @@ from .errors import (  # noqa: E402
 )
 from .rules import (  # noqa: E402
     AlphaBetaRule,
+    ConstantGateRule,
+    LayerNormRule,
+    TaylorRule,
     EpsilonRule,
     FlatRule,
     GammaRule,
@@ -25,7 +28,10 @@ from .rules import (  # noqa: E402
     ZPlusRule,
 )
 from .composites import (  # noqa: E402
+    AttnLRP,
+    CPLRP,
     Composite,
+    LayerNormLayer,
     ConvLayer,
     DenseLayer,
     DropoutLayer,

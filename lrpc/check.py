@@ -19,6 +19,7 @@ from .errors import UnsupportedModelError
 from .graph import Program, static_shape
 from .layers import LayerTable
 from .registry import KNOWN_ACTIVATION_NAMES
+from .spec import RECURRENT
 
 SUPPORTED = "supported"
 
@@ -61,9 +62,15 @@ class CheckReport:
             table.add_row(*(escape(v) for v in (r.index, r.name, r.op_type, r.kind, r.status)), style=style)
         return table
 
-    def render(self, width: int = 120, only_failures: bool = False) -> str:
+    def render(self, only_failures: bool = False) -> str:
+        """The table as text at its natural width: node names and reasons are never wrapped."""
+        from rich.measure import Measurement
+
+        table = self.table(only_failures)
+        probe = Console(file=io.StringIO(), width=10_000)
+        width = Measurement.get(probe, probe.options, table).maximum
         buffer = io.StringIO()
-        Console(file=buffer, width=width, no_color=True, highlight=False).print(self.table(only_failures))
+        Console(file=buffer, width=max(width, 80), no_color=True, highlight=False).print(table)
         return buffer.getvalue().rstrip()
 
 
@@ -76,6 +83,9 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
             if node.op in KNOWN_ACTIVATION_NAMES:
                 reason = f"unsupported or unknown activation function {node.op}"
                 kind = "activation"
+            elif node.op in RECURRENT:
+                reason = "recurrent layers (LSTM, GRU, RNN) are not supported"
+                kind = "recurrent"
             else:
                 reason = "unknown layer type"
                 kind = "?"
@@ -95,11 +105,11 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
     if not table.nodes:
         reason = (
             "the model has no layers between its input and the stripped softmax: nothing to explain"
-            if program.start_name == program.input_name
+            if program.start_name == program.explained_name
             else f"the output {program.start_name!r} does not depend on this input"
         )
-        rows.append(CheckRow("", program.input_name, "(input)", "input", reason))
-    return CheckReport(rows, program.input_name, program.start_name)
+        rows.append(CheckRow("", program.explained_name, "(input)", "input", reason))
+    return CheckReport(rows, program.explained_name, program.start_name)
 
 
 def raise_if_unsupported(report: CheckReport, verbose: bool = True) -> None:

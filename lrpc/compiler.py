@@ -72,11 +72,14 @@ def analyze_model(
     output_name: str | None = None,
     skip_checks: bool = False,
     verbose: bool = True,
+    position: int | None = None,
+    split_layernorm: bool = False,
 ) -> Analysis:
     """Everything up to emission: canonize, check, assign rules."""
     composite = _as_composite(composite)
     program = Program.from_model(load_model(model))
-    program = canonize(program, input_name=input_name, output_name=output_name)
+    program = canonize(program, input_name=input_name, output_name=output_name, position=position,
+                       split_layernorms=split_layernorm)
     table = find_layers(program)
     report = check_layers(program, table)
     if not skip_checks:
@@ -100,6 +103,8 @@ def compile(
     relevance_at=(),
     crp_layer=None,
     features=None,
+    position: int | None = None,
+    split_layernorm: bool = False,
 ) -> onnx.ModelProto:
     """Compile ``model`` (path or ModelProto) into an ONNX model that also returns ``relevance``.
 
@@ -109,11 +114,13 @@ def compile(
     output ``relevance_at:<tensor>``. ``crp_layer`` + ``features``
     (:class:`~lrpc.crp.TopNFeatures` / :class:`~lrpc.crp.IndexedFeatures`): Concept
     Relevance Propagation; ``relevance`` then holds features × inputs rows and
-    ``crp_features`` the feature explained by each.
+    ``crp_features`` the feature explained by each. ``position``: for sequence outputs
+    ``[N, T, V]`` (language models), the explained position (default -1, the last).
+    ``split_layernorm``: split LayerNorm from its affine part so each takes its own rule.
     """
     analysis = analyze_model(
         model, composite, input_name=input_name, output_name=output_name,
-        skip_checks=skip_checks, verbose=verbose,
+        skip_checks=skip_checks, verbose=verbose, position=position, split_layernorm=split_layernorm,
     )
     return emit_model(analysis, normalize_output_relevance, relevance_at=relevance_at,
                       crp_layer=crp_layer, features=features)
@@ -152,11 +159,14 @@ def emit_model(
         "lrpc.version": __version__,
         "lrpc.composite": repr(analysis.composite),
         "lrpc.input": program.input_name,
+        "lrpc.explained": program.explained_name,
         "lrpc.output": program.output_name,
         "lrpc.relevance_start": program.start_name,
         "lrpc.normalize_output_relevance": str(bool(normalize_output_relevance)).lower(),
         "lrpc.rules": "; ".join(f"{layer.index}:{layer.name}={rule!r}" for layer, rule in analysis.layer_rules()),
     }
+    if program.position is not None:
+        meta["lrpc.position"] = str(program.position)
     if concept is not None:
         meta["lrpc.crp"] = f"{concept.layer.index}:{concept.layer.name} {concept.features!r}"
     for key, value in meta.items():

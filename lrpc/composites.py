@@ -16,11 +16,14 @@ from .errors import IncompatibleRuleError
 from .spec import Layer
 from .rules import (
     AlphaBetaRule,
+    ConstantGateRule,
     EpsilonRule,
     FlatRule,
     GammaRule,
+    LayerNormRule,
     PassRule,
     Rule,
+    TaylorRule,
     ZBoxRule,
     ZeroRule,
     ZPlusRule,
@@ -53,12 +56,16 @@ ReshapingLayer = LayerGroup(
 )
 NormalizationLayer = LayerGroup(
     "NormalizationLayer",
-    frozenset({"BatchNormalization", "LRN", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}),
+    frozenset({"BatchNormalization", "LRN", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
+               "RMSNormalization", "SimplifiedLayerNormalization"}),
 )
+#: normalizations over features whose statistic LayerNormRule holds constant
+LayerNormLayer = LayerGroup("LayerNormLayer",
+                            frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}))
 MergeLayer = LayerGroup("MergeLayer", frozenset({"Add", "Sub", "Sum", "Concat"}))
 
 GROUPS = {g.name: g for g in (ConvLayer, DenseLayer, PoolingLayer, DropoutLayer, ReshapingLayer,
-                              NormalizationLayer, MergeLayer)}
+                              NormalizationLayer, LayerNormLayer, MergeLayer)}
 
 
 def _key_matches(key, layer: Layer) -> bool:
@@ -69,8 +76,11 @@ def _key_matches(key, layer: Layer) -> bool:
     raise TypeError(f"type-map key must be an op type string or a layer group, got {key!r}")
 
 
-def _type_map(mapping) -> list[tuple[object, Rule]]:
-    pairs = list(mapping.items()) if isinstance(mapping, Mapping) else list(mapping)
+def _type_map(mapping, by_type: dict | None = None) -> list[tuple[object, Rule]]:
+    """Pairs from a dict (or pairs) plus keywords: ``GlobalTypeMap(LayerNormalization=LayerNormRule())``;
+    a keyword that names a layer group means the group."""
+    pairs = [] if mapping is None else list(mapping.items()) if isinstance(mapping, Mapping) else list(mapping)
+    pairs += [(GROUPS.get(key, key), rule) for key, rule in (by_type or {}).items()]
     for key, rule in pairs:
         if not isinstance(rule, Rule):
             raise TypeError(f"type map value for {key!r} must be a rule, got {rule!r}")
@@ -209,8 +219,8 @@ class LastLayerMap(FirstLayerMap):
 class GlobalTypeMap(Primitive):
     """Rules by layer type, for every layer: ``GlobalTypeMap({ConvLayer: ZPlusRule(), "Gemm": EpsilonRule()})``."""
 
-    def __init__(self, mapping):
-        self.map = _type_map(mapping)
+    def __init__(self, mapping=None, /, **by_type):
+        self.map = _type_map(mapping, by_type)
 
     def _selected(self, layers: list[Layer]) -> Iterable[Layer]:
         return layers
@@ -228,8 +238,8 @@ class GlobalTypeMap(Primitive):
 class RangeTypeMap(GlobalTypeMap):
     """A type map restricted to a positional range of layers."""
 
-    def __init__(self, range_, mapping):
-        super().__init__(mapping)
+    def __init__(self, range_, mapping=None, /, **by_type):
+        super().__init__(mapping, **by_type)
         self.range = range_
 
     def _selected(self, layers):
@@ -256,8 +266,8 @@ class LastLayerTypeMap(GlobalTypeMap):
 class FirstNTypeMap(GlobalTypeMap):
     """A type map applied to the first ``n`` layers."""
 
-    def __init__(self, n: int, mapping):
-        super().__init__(mapping)
+    def __init__(self, n: int, mapping=None, /, **by_type):
+        super().__init__(mapping, **by_type)
         self.n = int(n)
 
     def _selected(self, layers):
@@ -313,9 +323,11 @@ def _base_map(epsilon: float, conv_rule: Rule) -> dict:
     return {
         ConvLayer: conv_rule,
         DenseLayer: EpsilonRule(epsilon),
+        LayerNormLayer: LayerNormRule(),
         NormalizationLayer: PassRule(),
         DropoutLayer: PassRule(),
         ReshapingLayer: PassRule(),
+        "Softmax": TaylorRule(),
     }
 
 
@@ -360,8 +372,38 @@ def EpsilonGammaBox(low, high, epsilon: float = 1e-6, gamma: float = 0.25) -> Co
     )
 
 
+def _transformer_map(epsilon: float) -> dict:
+    return {
+        LayerNormLayer: LayerNormRule(epsilon),
+        NormalizationLayer: PassRule(),
+        DropoutLayer: PassRule(),
+        ReshapingLayer: PassRule(),
+        "Softmax": TaylorRule(),
+    }
+
+
+def AttnLRP(epsilon: float = 1e-6) -> Composite:
+    """AttnLRP (Achtibat et al., ICML 2024): the ε-rule on every linear layer and merge,
+    products of activations (``Q·Kᵀ``, ``A·V``, gated MLPs) shared equally between their
+    factors, the softmax by its Taylor expansion (``TaylorRule``), LayerNorm and RMSNorm by
+    ``LayerNormRule``; activations (GELU, SiLU, Tanh, ...) pass relevance unchanged."""
+    return Composite(GlobalMap(EpsilonRule(epsilon)), GlobalTypeMap(_transformer_map(epsilon)),
+                     name=f"AttnLRP(epsilon={epsilon})")
+
+
+def CPLRP(epsilon: float = 1e-6) -> Composite:
+    """CP-LRP (Ali et al., ICML 2022): as AttnLRP, but the attention probabilities and the
+    gates of gated MLPs are constants (``ConstantGateRule``): relevance flows through ``V``
+    and the gated branch only; ``Q·Kᵀ`` and the softmax receive none."""
+    gated = ConstantGateRule(epsilon)
+    return Composite(GlobalMap(EpsilonRule(epsilon)), GlobalTypeMap({**_transformer_map(epsilon), "MatMul": gated,
+                                                                     "Mul": gated}),
+                     name=f"CPLRP(epsilon={epsilon})")
+
+
 PRESETS = {
-    f.__name__: f for f in (EpsilonPlus, EpsilonPlusFlat, EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, EpsilonGammaBox)
+    f.__name__: f for f in (EpsilonPlus, EpsilonPlusFlat, EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, EpsilonGammaBox,
+                            AttnLRP, CPLRP)
 }
 
 PRIMITIVES = {

@@ -57,7 +57,7 @@ def emit_relevance(
     """Append the backward pass; returns the new input and outputs."""
     graph = program.graph
     tensors = graph.tensors()
-    x = tensors[program.input_name]
+    x = tensors[program.explained_name]
     logits = tensors[program.start_name]
     dtype = np.dtype(x.dtype or np.float32)
     if dtype.kind != "f":
@@ -66,7 +66,8 @@ def emit_relevance(
     target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_batch"])
     backward = _Backward(em, rules, {t.name for t in relevance_at})
 
-    pending: dict[str, list[Sym]] = {logits.name: [_output_relevance(em, logits, target, normalize_output_relevance)]}
+    start = _output_relevance(em, logits, target, normalize_output_relevance, program.position)
+    pending: dict[str, list[Sym]] = {logits.name: [start]}
     extra: list[gs.Variable] = []
     if concept is None:
         pending = backward.run(table.nodes, table, pending)
@@ -123,7 +124,7 @@ class _Backward:
                 break
             arrived = [pending.pop(t.name, None) for t in node.outputs]
             if not any(arrived):
-                continue
+                continue  # nothing reached this node (CP-LRP's attention branch)
             relevances = [add_all(parts) if parts else None for parts in arrived]
             for t, r in zip(node.outputs, relevances):
                 original = original_names.get(t.name, t.name)
@@ -137,7 +138,8 @@ class _Backward:
             else:
                 slots, incoming = layer.acts, _propagate(em, layer, self.rules, relevances[0])
             for slot, r in zip(slots, incoming):
-                pending.setdefault(node.inputs[slot].name, []).append(r)
+                if r is not None and not r.is_zero:  # a factor held constant gets none
+                    pending.setdefault(node.inputs[slot].name, []).append(r)
         return pending
 
 
@@ -179,21 +181,41 @@ def _clone_below(program: Program, table: LayerTable, x, x_tiled, at: gs.Tensor)
     return clones, _ClonedTable(by_node, carriers, names, {v: k for k, v in names.items()})
 
 
-def _output_relevance(em: Emitter, logits, target, normalize: bool) -> Sym:
+def _output_relevance(em: Emitter, logits, target, normalize: bool, position: int | None) -> Sym:
     """One-hot of the explained class per sample; a negative target means the arg-max.
 
     Outputs shaped ``[N, K, 1, 1]`` (or any ``[N, ...]``) are explained over their
-    flattened classes.
+    flattened classes; sequence outputs ``[N, T, V]`` at one position, over ``V``.
     """
-    flat = em.op("Flatten", [logits], {"axis": 1}, dtype=em.dtype)
-    best = em.op("ArgMax", [flat], {"axis": 1, "keepdims": 0}, dtype=np.int64)
-    negative = em.op("Less", [target, em.const(0, np.int64)], dtype=np.bool_)
-    chosen = em.op("Where", [negative, best, target], dtype=np.int64, hint="lrp_chosen_target")
-    depth = em.op("Shape", [flat], {"start": 1, "end": 2}, dtype=np.int64)
-    onehot = em.sym(em.op("OneHot", [chosen, depth, em.const([0.0, 1.0])], {"axis": -1}, dtype=em.dtype))
-    if static_shape(logits) is None or len(static_shape(logits)) != 2:
+    if position is None:
+        scores = em.op("Flatten", [logits], {"axis": 1}, dtype=em.dtype)
+    else:
+        scores = em.op("Gather", [logits, em.const(position, np.int64)], {"axis": 1}, dtype=em.dtype)
+    onehot = em.sym(_one_hot(em, _chosen(em, scores, target), _dim(em, scores, 1)))
+    if position is not None:
+        at = _one_hot(em, em.ints([position]), _dim(em, logits, 1))  # [1, T], 1 at the position
+        onehot = em.sym(em.op("Unsqueeze", [onehot, em.ints([1])], dtype=em.dtype)) * em.sym(
+            em.op("Reshape", [at, em.ints([1, -1, 1])], dtype=em.dtype))
+    elif static_shape(logits) is None or len(static_shape(logits)) != 2:
         onehot = em.sym(em.op("Reshape", [onehot, em.shape_of(logits)], dtype=em.dtype))
     return onehot if normalize else onehot * em.sym(logits)
+
+
+def _chosen(em: Emitter, scores, target):
+    """The target per sample, its arg-max where negative."""
+    best = em.op("ArgMax", [scores], {"axis": 1, "keepdims": 0}, dtype=np.int64)
+    negative = em.op("Less", [target, em.const(0, np.int64)], dtype=np.bool_)
+    return em.op("Where", [negative, best, target], dtype=np.int64, hint="lrp_chosen_target")
+
+
+def _dim(em: Emitter, x, axis: int):
+    """One dimension of ``x`` as a scalar: ``OneHot``'s depth must be one for every runtime
+    (onnx's reference evaluator refuses a one-element 1-D tensor)."""
+    return em.op("Gather", [em.shape_of(x), em.const(axis, np.int64)], {"axis": 0}, dtype=np.int64)
+
+
+def _one_hot(em: Emitter, indices, depth):
+    return em.op("OneHot", [indices, depth, em.const([0.0, 1.0])], {"axis": -1}, dtype=em.dtype)
 
 
 def _propagate(em: Emitter, layer: Layer, rules: list[Rule], relevance: Sym) -> list[Sym]:

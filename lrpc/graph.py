@@ -120,9 +120,11 @@ class Program:
     graph: gs.Graph
     ir_version: int
     opset: int
-    input_name: str = ""
+    input_name: str = ""  # the graph input the caller feeds
+    explained_name: str = ""  # the tensor whose relevance is reported (the input, or its embedding)
     output_name: str = ""  # the model output whose class is explained
     start_name: str = ""  # tensor where relevance starts (logits)
+    position: int | None = None  # sequence outputs [N, T, V]: the explained position
     notes: list[str] = field(default_factory=list)
     # fused node -> the original nodes with their inputs and outputs (see fuse())
     fused: dict[int, list[tuple[gs.Node, list, list]]] = field(default_factory=dict)
@@ -245,6 +247,22 @@ def static_shape(tensor) -> tuple | None:
     if shape is None:
         return None
     return tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape)
+
+
+def dtype_kind(tensor) -> str | None:
+    """numpy's kind letter of the tensor's dtype (``"f"``, ``"i"``, ``"b"``, ...); None if unknown."""
+    dtype = getattr(tensor, "dtype", None)
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype).kind
+    except TypeError:  # an ONNX type numpy lacks (bfloat16, float8): still a float
+        return "f"
+
+
+def is_float(tensor) -> bool:
+    """Whether the tensor can carry relevance: a floating-point dtype, or not known."""
+    return dtype_kind(tensor) in (None, "f")
 
 
 def constant_value(tensor) -> np.ndarray | None:

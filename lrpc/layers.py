@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from .graph import Program, relevance_path
+from .graph import Program, is_float, relevance_path
 from .registry import lookup
 from .spec import SHAPE_READERS, TRANSPARENT, Layer
 
@@ -37,7 +37,7 @@ class LayerTable:
 
 
 def find_layers(program: Program) -> LayerTable:
-    nodes, carriers = relevance_path(program.graph, program.input_name, program.start_name, blocked=_blocked)
+    nodes, carriers = relevance_path(program.graph, program.explained_name, program.start_name, blocked=_blocked)
 
     layers: list[Layer] = []
     by_node: dict[int, Layer] = {}
@@ -70,9 +70,12 @@ def find_layers(program: Program) -> LayerTable:
 
 
 def _blocked(node: gs.Node, slot: int) -> bool:
-    """Edges relevance never takes: into shape computations, and those the op's spec
-    names (the gate of a gating product)."""
+    """Edges relevance never takes: into shape computations, into ops whose outputs are
+    all integers or booleans (comparisons, ``IsNaN``, casts to int: relevance cannot live
+    there), and those the op's spec names (the gate of a gating product)."""
     if node.op in SHAPE_READERS:
+        return True
+    if node.outputs and not any(is_float(t) for t in node.outputs):
         return True
     spec = lookup(node.op)
     return bool(spec and spec.blocks and spec.blocks(node, slot))

@@ -14,7 +14,7 @@ from .ops.elementwise import activation_spec
 from .spec import Forward, Kind, Layer, OpSpec, Route, Vjp  # noqa: F401  (re-exported)
 
 #: Elementwise non-linearities the check names as activations rather than unknown layers.
-KNOWN_ACTIVATION_NAMES = {"Sigmoid", "Tanh", "HardSigmoid", "Softsign", "ThresholdedRelu", "Shrink"}
+KNOWN_ACTIVATION_NAMES = {"HardSigmoid", "Softsign", "ThresholdedRelu", "Shrink", "Erf", "Sin", "Cos", "Exp", "Log"}
 
 REGISTRY: dict[str, OpSpec] = {spec.op_type: spec for spec in BUILTIN}
 _DEFAULTS = dict(REGISTRY)

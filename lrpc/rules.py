@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from .spec import TRANSPARENT, Layer
+from .spec import TRANSPARENT, Kind, Layer
 from .symbolic import Emitter, Sym, add_all, stabilize
 
 
@@ -91,16 +91,17 @@ class Rule:
             return False
         if self.needs_weight and not layer.has_weight:
             return False
-        if not layer.spec.linear:
+        if not layer.spec.linear or layer.share < 1:
             # The generic formula needs f(m(a)) to be linear in m(a); for selecting ops
-            # (MaxPool) only rules that keep the input as it is make sense.
+            # (MaxPool), the softmax and products of activations only rules that keep
+            # the input as it is make sense.
             return not self.modifies_input
         return True
 
     def incompatibility(self, layer: Layer) -> str:
         if self.needs_weight and not layer.has_weight:
             return "it modifies weights and the layer has none"
-        if not layer.spec.linear:
+        if not layer.spec.linear or layer.share < 1:
             return f"{layer.op_type} is not linear, only rules that keep the input unmodified apply"
         return "the rule does not support this layer"
 
@@ -138,6 +139,9 @@ class Rule:
 
 
 def propagate_generic(rule: Rule, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
+    """The generic formula (module docstring). On a product of activations every factor
+    gets ``layer.share`` of what the formula gives it: ``Σ_k a_k ⊙ vjp_k(s)`` is
+    ``degree · z ⊙ s`` there, so equal shares conserve relevance (AttnLRP's uniform rule)."""
     spec = layer.spec
     acts = [Sym(em, layer.act(k), nonneg=_known_nonneg(layer.act(k)), batched=True) for k in range(len(layer.acts))]
     params = {role: em.sym(t, nonneg=_constant_sign(t, 1), nonpos=_constant_sign(t, -1))
@@ -179,7 +183,7 @@ def propagate_generic(rule: Rule, em: Emitter, layer: Layer, R: Sym) -> list[Sym
             grads = spec.vjp(em, layer, inputs, theta, s)
             for k, (x, g) in enumerate(zip(inputs, grads)):
                 contribution = x * g
-                scale = group.coefficient * term.sign
+                scale = group.coefficient * term.sign * layer.share
                 if scale != 1.0:
                     contribution = contribution * scale
                 totals[k].append(contribution)
@@ -440,11 +444,75 @@ class ZBoxRule(Rule):
         return {"low": show(self.low), "high": show(self.high)}
 
 
+class LayerNormRule(Rule):
+    """LRP-LN (Ali et al. 2022, "XAI for Transformers: Better Explanations through
+    Conservative Propagation"; AttnLRP, Achtibat et al. 2024): the normalization's σ is
+    held at its forward value, so LayerNorm is the linear centring
+    ``R_i = Σ_j a_i(δ_ij − 1/N) / Σ_l a_l(δ_lj − 1/N) · R_j`` followed by its affine part
+    ``(γ, β)``, propagated together by the ε-rule (β absorbs its share). On RMSNorm
+    (no centring) relevance passes through unchanged up to the stabilizer.
+
+    Applies to LayerNormalization (the op or the exporter's decomposed pattern),
+    RMSNormalization / SimplifiedLayerNormalization (and their pattern). To give the
+    affine part its own rule, compile with ``split_layernorm=True``.
+    """
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.spec.kind is Kind.NORMALIZATION and layer.spec.linear and layer.op_type != "BatchNormalization"
+
+    def incompatibility(self, layer: Layer) -> str:
+        return "LayerNormRule applies to LayerNormalization and RMSNorm layers"
+
+    def _args(self):
+        return {"epsilon": self.epsilon}
+
+
+class TaylorRule(Rule):
+    """The first-order Taylor expansion at the input, ``R_in = x ⊙ J(x)ᵀ (R ⊘ f(x))``, in
+    an exact form the op provides (no stabilizer). On a softmax inside the network it is
+    AttnLRP's rule ``R_in = x ⊙ (R − p ⊙ Σ R)`` (Achtibat et al. 2024, Prop. 3.1);
+    masked positions (``p = 0``) receive 0."""
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.spec.taylor is not None
+
+    def incompatibility(self, layer: Layer) -> str:
+        return f"{layer.op_type} has no exact Taylor form (TaylorRule applies to Softmax)"
+
+    def propagate(self, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
+        return layer.spec.taylor(em, layer, R)
+
+
+class ConstantGateRule(Rule):
+    """CP-LRP's product rule (Ali et al. 2022): in a product of two activations, the
+    gate (the attention probabilities of ``A·V``, the activated branch of a gated MLP) is
+    held constant, so all relevance goes to the other factor by the ε-rule with the gate
+    as its weight; the gate's branch (``Q·Kᵀ``, the softmax) receives none. Layers that
+    are not such products get the ε-rule, products without a recognizable gate the
+    uniform split."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def propagate(self, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
+        slot = layer.spec.gate(layer.node, layer.acts) if layer.spec.gate else None
+        if slot is None:
+            return propagate_generic(self, em, layer, R)
+        signal = iter(propagate_generic(self, em, layer.holding_constant(slot), R))
+        return [None if s == slot else next(signal) for s in layer.acts]
+
+    def _args(self):
+        return {"epsilon": self.epsilon}
+
+
 #: every built-in rule, by name (the composite expression parser and TOML use this)
 RULES = {
     cls.__name__: cls
     for cls in (
         ZeroRule, EpsilonRule, GammaRule, GeneralizedGammaRule, ZPlusRule, AlphaBetaRule,
-        ZBoxRule, WSquareRule, FlatRule, PassRule,
+        ZBoxRule, WSquareRule, FlatRule, PassRule, LayerNormRule, TaylorRule, ConstantGateRule,
     )
 }

@@ -12,7 +12,15 @@ Every op that relevance can flow through has an :class:`OpSpec`:
 - ``route``: how relevance moves through the op unchanged (PassRule; identity for
   elementwise ops, the inverse reshape for shape ops), or None;
 - ``blocks``: inputs that never receive relevance although they depend on the input
-  (the gate of a gating multiplication).
+  (the gate of a gating multiplication);
+- ``multilinear``: the op is a product of its relevance inputs (``Q·Kᵀ``, ``A·V``,
+  ``gate * up``), linear in each one separately. The generic formula then hands every
+  factor an equal share (AttnLRP's uniform rule: ``Σ_k a_k ⊙ vjp_k(s) = degree · z ⊙ s``);
+- ``gate``: for a product, the factor that is a gate (attention probabilities, an
+  activated branch), which :class:`~lrpc.rules.ConstantGateRule` holds constant;
+- ``taylor``: the exact first-order Taylor relevance at the input
+  (:class:`~lrpc.rules.TaylorRule`), for ops whose Jacobian cancels the division by
+  the output (Softmax).
 
 Rules never know about ops and ops never know about rules: the emitter combines the two
 with one generic formula (see :mod:`lrpc.rules`).
@@ -20,7 +28,7 @@ with one generic formula (see :mod:`lrpc.rules`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Callable
 
@@ -38,7 +46,8 @@ class Kind(str, Enum):
     MERGE = "merge"
     NORMALIZATION = "normalization"
     DROPOUT = "dropout"
-    ROUTING = "routing"  # exact relevance routing, not a layer (Split)
+    ROUTING = "routing"  # exact relevance routing, not a layer (Split, Where)
+    SOFTMAX = "softmax"
 
 
 #: kinds that are not layers: relevance passes them by a fixed route, no rule applies
@@ -46,6 +55,9 @@ TRANSPARENT = {Kind.ACTIVATION, Kind.ROUTING}
 
 #: ops that read only an input's shape (or its arg-max), never its values: no relevance
 SHAPE_READERS = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "EyeLike", "ConstantOfShape"}
+
+#: recurrent layers: refused by name in the model check
+RECURRENT = {"LSTM", "GRU", "RNN"}
 
 
 @dataclass
@@ -86,6 +98,25 @@ class Layer:
         return self.node.inputs[self.acts[k]]
 
     @property
+    def share(self) -> float:
+        """The fraction of relevance each relevance input of a product receives."""
+        return 1.0 / len(self.acts) if self.spec.multilinear and len(self.acts) > 1 else 1.0
+
+    def operands(self, inputs: list, params: dict) -> dict[int, object]:
+        """Input slot -> the (modified) activation or parameter standing there."""
+        found = {slot: inputs[k] for k, slot in enumerate(self.acts)}
+        for role, slot in self.param_slots.items():
+            if role in params:
+                found[slot] = params[role]
+        return found
+
+    def holding_constant(self, slot: int) -> "Layer":
+        """This layer with input ``slot`` treated as a weight instead of an activation
+        (CP-LRP's constant attention probabilities and gates)."""
+        return replace(self, acts=[a for a in self.acts if a != slot], param_slots={"weight": slot},
+                       param_values={"weight": self.node.inputs[slot]})
+
+    @property
     def output(self) -> gs.Tensor:
         return self.node.outputs[0]
 
@@ -113,6 +144,9 @@ class OpSpec:
     blocks: Callable[[gs.Node, int], bool] | None = None
     #: multi-output ops (Split): relevance of every output (None where none) -> per input
     route_outputs: OutputsRoute | None = None
+    multilinear: bool = False
+    gate: Callable[[gs.Node, list[int]], int | None] | None = None
+    taylor: Callable[[Emitter, Layer, Sym], list] | None = None
 
     def run_forward(self, em: Emitter, layer: Layer, inputs: list, params: dict) -> Sym:
         return (self.forward or clone_forward)(em, layer, inputs, params)

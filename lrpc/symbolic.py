@@ -234,6 +234,32 @@ class Sym:
             out = out._binary("Min", max, nonneg=out.nonneg)
         return out
 
+    def sum(self, axes: Sequence[int], keepdims: bool = True) -> "Sym":
+        """``ReduceSum`` over ``axes`` (axes as an input: every opset from 13 on)."""
+        em = self.em
+        out = em.op("ReduceSum", [self, em.ints(axes)], {"keepdims": int(keepdims)}, dtype=em.dtype)
+        return self._wrap(out, nonneg=self.nonneg, nonpos=self.nonpos)
+
+    def mean(self, axes: Sequence[int], shape_of=None) -> "Sym":
+        """Mean over ``axes`` (kept): ``ReduceSum`` times ``1/count``, whatever the opset.
+        ``shape_of``: a tensor of the same shape whose static shape gives the count."""
+        shape = _static(shape_of if shape_of is not None else self.value)
+        if shape is not None and all(shape[a] is not None for a in axes):
+            count = float(np.prod([shape[a] for a in axes]))
+            return self.sum(axes) * (1.0 / count)
+        em = self.em
+        dims = em.op("Gather", [em.shape_of(self), em.ints(axes)], {"axis": 0}, dtype=np.int64)
+        count = em.op("ReduceProd", [dims], {"keepdims": 0}, dtype=np.int64)
+        return self.sum(axes) / self._wrap(em.op("Cast", [count], {"to": _onnx_dtype(em.dtype)}, dtype=em.dtype),
+                                           nonneg=True)
+
+    def where(self, condition, other) -> "Sym":
+        """``self`` where the boolean tensor ``condition`` holds, else ``other``."""
+        other = self._coerce(other)
+        if self.is_zero:
+            self = self._coerce(0.0)
+        return self._wrap(self.em.op("Where", [condition, self, other], dtype=self.em.dtype))
+
     def positive(self) -> "Sym":
         return self.clamp(min=0)
 

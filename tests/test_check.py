@@ -35,44 +35,37 @@ def test_supported_model_passes_the_check():
 
 
 def test_unsupported_nodes_are_all_named_with_their_reason():
-    model = with_node_before_output(with_node_before_output(small_cnn(), "Tanh"), "Sigmoid")
+    model = with_node_before_output(with_node_before_output(small_cnn(), "Softsign"), "ThresholdedRelu")
     with pytest.raises(lrpc.UnsupportedModelError) as info:
         lrpc.compile(model)
     message = str(info.value)
-    assert "/classifier/custom/Tanh" in message and "unsupported or unknown activation function Tanh" in message
-    assert "/classifier/custom/Sigmoid" in message
+    assert "/classifier/custom/Softsign" in message and "unsupported or unknown activation function Softsign" in message
+    assert "/classifier/custom/ThresholdedRelu" in message
     assert "LRP model check failed: 2 nodes" in message
     failures = {r.name: r.status for r in info.value.report.failures}
     assert failures == {
-        "/classifier/custom/Tanh": "unsupported or unknown activation function Tanh",
-        "/classifier/custom/Sigmoid": "unsupported or unknown activation function Sigmoid",
+        "/classifier/custom/Softsign": "unsupported or unknown activation function Softsign",
+        "/classifier/custom/ThresholdedRelu": "unsupported or unknown activation function ThresholdedRelu",
     }
 
 
-def test_unknown_layer_type_and_product_of_activations():
+def test_unknown_layer_type():
     model = with_node_before_output(small_cnn(), "Hardmax", axis=1)
     with pytest.raises(lrpc.UnsupportedModelError, match="unknown layer type"):
         lrpc.compile(model)
-    square = small_cnn(extra_nodes=[])
-    for node in square.graph.node:
-        if node.name.endswith("classifier.2/Gemm"):
-            node.input[0] = "sq"
-    square.graph.node.insert(9, helper.make_node("Mul", ["a3", "a3"], ["sq"], name="/square/Mul"))
-    with pytest.raises(lrpc.UnsupportedModelError, match="a product of two activations"):
-        lrpc.compile(square)
 
 
 def test_verbose_false_gives_only_the_summary_line():
-    model = with_node_before_output(small_cnn(), "Tanh")
+    model = with_node_before_output(small_cnn(), "Softsign")
     with pytest.raises(lrpc.UnsupportedModelError) as info:
         lrpc.compile(model, verbose=False)
     assert "\n" not in str(info.value) and str(info.value).startswith("LRP model check failed")
 
 
 def test_register_activation_lets_it_compile(registry_guard):
-    model = with_node_before_output(small_cnn(), "Tanh")
-    registry_guard.append("Tanh")
-    lrpc.register_activation("Tanh")
+    model = with_node_before_output(small_cnn(), "Softsign")
+    registry_guard.append("Softsign")
+    lrpc.register_activation("Softsign")
     compiled = lrpc.compile(model, lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(1e-6))))
     out = run(compiled, np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32), [1, 2])
     assert out["relevance"].shape == (2, 3, 8, 8) and np.isfinite(out["relevance"]).all()
@@ -104,7 +97,7 @@ def test_register_layer_like_an_existing_op(registry_guard):
 
 
 def test_skip_checks_passes_relevance_through_same_shape_unknown_ops():
-    model = with_node_before_output(small_cnn(), "Tanh")
+    model = with_node_before_output(small_cnn(), "Softsign")
     with pytest.raises(lrpc.UnsupportedModelError):
         lrpc.compile(model)
     compiled = lrpc.compile(model, skip_checks=True)

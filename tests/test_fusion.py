@@ -102,8 +102,14 @@ def test_gelu_with_other_constants_is_not_gelu():
     assert "Gelu" not in {n.op for n in analysis.program.graph.nodes}
 
 
-def test_layernorm_pattern_is_recognized_by_name():
-    nodes = [
+def _held(h, centre: bool, eps: float = 1e-5):
+    """LayerNorm (``centre``) or RMSNorm with the statistic detached: LRP's linearization."""
+    d = h - h.mean(-1, keepdim=True) if centre else h
+    return d / torch.sqrt((d**2).mean(-1, keepdim=True) + eps).detach()
+
+
+NORM_PATTERNS = {
+    "LayerNormalization": ([
         helper.make_node("ReduceMean", ["h", "axes"], ["mu"]),
         helper.make_node("Sub", ["h", "mu"], ["d"]),
         helper.make_node("Pow", ["d", "two"], ["d2"]),
@@ -111,23 +117,37 @@ def test_layernorm_pattern_is_recognized_by_name():
         helper.make_node("Add", ["var", "eps"], ["ve"]),
         helper.make_node("Sqrt", ["ve"], ["sd"]),
         helper.make_node("Div", ["d", "sd"], ["a"], name="/encoder/norm/Div"),
-    ]
-    constants = [numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes"), c("two", 2.0), c("eps", 1e-5)]
+    ], True),
+    # LLaMA's RMSNorm as the legacy exporter writes it: x * (1 / sqrt(mean(x²) + eps))
+    "RMSNormalization": ([
+        helper.make_node("Pow", ["h", "two"], ["h2"]),
+        helper.make_node("ReduceMean", ["h2", "axes"], ["ms"]),
+        helper.make_node("Add", ["ms", "eps"], ["mse"]),
+        helper.make_node("Sqrt", ["mse"], ["rms"]),
+        helper.make_node("Div", ["one", "rms"], ["inv"]),
+        helper.make_node("Mul", ["h", "inv"], ["a"], name="/encoder/norm/Mul"),
+    ], False),
+}
+
+
+@pytest.mark.parametrize("op", sorted(NORM_PATTERNS))
+def test_normalization_patterns_are_fused_and_hold_their_statistic(op):
+    nodes, centre = NORM_PATTERNS[op]
+    constants = [numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes"), c("two", 2.0), c("eps", 1e-5),
+                 c("one", 1.0)]
     model = between_dense(nodes, constants)
     model.opset_import[0].version = 18  # ReduceMean takes axes as an input
-    with pytest.raises(lrpc.UnsupportedModelError) as info:
-        lrpc.compile(model)
-    row = info.value.report.failures[0]
-    assert (row.name, row.op_type, row.kind) == ("/encoder/norm/LayerNormalization", "LayerNormalization", "normalization")
-    assert "LayerNormRule" in row.status
-    # with skip_checks it passes relevance through, and the file keeps the original ops
-    compiled = lrpc.compile(model, skip_checks=True)
-    assert "Sqrt" in {n.op_type for n in compiled.graph.node}
+    rules = lrpc.lrp_rules(model, lrpc.EpsilonPlus())
+    assert [(layer.name, layer.op_type) for layer, _ in rules][1] == (f"/encoder/norm/{op}", op)
+    assert repr(rules[1][1]) == "LayerNormRule(epsilon=1e-06)"
+    # relevance: the ε-rule through the map with σ (rms) held at its forward value
     x = rand(4, 6)
-    sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
-    h = x @ W1
-    a = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
-    np.testing.assert_allclose(sess.run(["logits"], {"x": x})[0], a @ W2, rtol=1e-4, atol=1e-5)
+    check_chain(model, x, [(lambda x: x @ t(W1), "eps"), (lambda h: _held(h, centre), "eps"),
+                           (lambda a: a @ t(W2), "eps")])
+    # the file keeps the original ops
+    compiled = lrpc.compile(model)
+    assert "Sqrt" in {n.op_type for n in compiled.graph.node if not n.name.startswith("lrp/")}
+    assert op not in {n.op_type for n in compiled.graph.node}
 
 
 # -- per-channel affine after Conv / BatchNorm ---------------------------------------------

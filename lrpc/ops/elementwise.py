@@ -1,15 +1,13 @@
-"""Elementwise ops: merges, arithmetic with constants, gates, activations, normalizations."""
+"""Elementwise ops: merges, arithmetic, products, selection, activations."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import constant_value, static_shape
-from ..spec import (
-    Kind, OpSpec, first_input_only, identity_route, identity_vjp, other_operand,
-)
+from ..graph import static_shape
+from ..spec import Kind, OpSpec, first_input_only, identity_route, identity_vjp, other_operand
 from ..symbolic import Emitter, Sym
+from .products import gate_slot
 
 
 def unbroadcast(em: Emitter, g: Sym, layer, slot: int) -> Sym:
@@ -23,7 +21,7 @@ def unbroadcast(em: Emitter, g: Sym, layer, slot: int) -> Sym:
     axes = list(range(lead)) + [i + lead for i, d in enumerate(in_shape) if d == 1 and out_shape[i + lead] != 1]
     if not axes:
         return g
-    summed = em.op("ReduceSum", [g, em.ints(axes)], {"keepdims": 1}, dtype=em.dtype)
+    summed = g.sum(axes)
     return em.sym(em.op("Reshape", [summed, em.shape_of(in_tensor)], dtype=em.dtype))
 
 
@@ -35,8 +33,13 @@ def _sub_vjp(em, layer, inputs, params, s):
     return [unbroadcast(em, s if slot == 0 else -s, layer, slot) for slot in layer.acts]
 
 
-# -- Mul: by a constant (a weight) or by a gate ---------------------------------------
+def _neg_vjp(em, layer, inputs, params, s):
+    return [-s]
 
+
+# -- Mul: by a constant (a weight), of two activations (a product), or by a gate ----------
+
+#: producers whose output, multiplied with a signal, is a gate (squeeze-and-excitation)
 GATES = {"Sigmoid", "HardSigmoid"}
 
 
@@ -53,73 +56,43 @@ def _is_gate(node: gs.Node, slot: int) -> bool:
 
 
 def _mul_vjp(em, layer, inputs, params, s):
-    return [unbroadcast(em, s * params["weight"], layer, layer.acts[0])]
+    """d(a·b)/da = b: each factor's gradient is ``s`` times the other factor."""
+    factors = layer.operands(inputs, params)
+    return [unbroadcast(em, s * factors[1 - slot], layer, slot) for slot in layer.acts]
 
 
-def _mul_check(node: gs.Node, acts: list[int]) -> str | None:
-    if len(acts) != 1:
-        return "a product of two activations is not supported (only gates: x * Sigmoid(...), x * HardSigmoid(...))"
+# -- Where: relevance goes to the branch each position took --------------------------------
+
+
+def _where_route(em, layer, R: Sym) -> list:
+    condition = layer.node.inputs[0]
+    taken = em.op("Cast", [condition], {"to": _float_code(em)}, dtype=em.dtype)
+    out = []
+    for slot in layer.acts:
+        share = em.sym(taken, nonneg=True) if slot == 1 else 1.0 - em.sym(taken, nonneg=True)
+        out.append(unbroadcast(em, R * share, layer, slot))
+    return out
+
+
+def _float_code(em: Emitter) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(em.dtype)
+
+
+def _where_check(node: gs.Node, acts: list[int]) -> str | None:
+    if 0 in acts:
+        return "relevance cannot pass a condition"
     return None
-
-
-# -- standalone BatchNormalization: y = x * weight + bias per channel -------------------
-
-
-def _bn_params(node: gs.Node, acts: list[int]):
-    scale, bias, mean, var = (constant_value(t) for t in node.inputs[1:5])
-    eps = float(node.attrs.get("epsilon", 1e-5))
-    weight = scale / np.sqrt(var + eps)
-    shift = bias - mean * weight
-    rank = len(static_shape(node.inputs[0]) or (0, 0, 0, 0))
-    tail = (1,) * max(rank - 2, 0)
-    name = node.outputs[0].name
-    return {
-        "weight": gs.Constant(f"{name}/lrp_weight", weight.reshape(-1, *tail).astype(scale.dtype)),
-        "bias": gs.Constant(f"{name}/lrp_bias", shift.reshape(-1, *tail).astype(scale.dtype)),
-    }
-
-
-def _bn_check(node: gs.Node, acts: list[int]) -> str | None:
-    if any(constant_value(t) is None for t in node.inputs[1:5]):
-        return "its statistics are not constant (training mode)"
-    return first_input_only(node, acts)
-
-
-def _bn_forward(em, layer, inputs, params):
-    return inputs[0] * params["weight"] + params["bias"]
-
-
-def _bn_vjp(em, layer, inputs, params, s):
-    return [s * params["weight"]]
-
-
-# -- data-dependent normalizations (LRN, InstanceNorm, LayerNorm) ----------------------
-
-
-def _linearized_vjp(em, layer, inputs, params, s):
-    """``y = x · f(x)`` with the normalizing factor ``f`` held constant (its value at the
-    forward pass): the VJP is ``s · y / x``, so Zero/Epsilon pass relevance through as
-    the PassRule does."""
-    x, y = em.sym(layer.act()), em.sym(layer.output)
-    safe = x + x.mask("eq")  # where x == 0, y/x is irrelevant: the rule multiplies by x
-    return [s * (y / safe)]
-
-
-def _layernorm_check(node: gs.Node, acts: list[int]) -> str | None:
-    return "LayerNorm is recognized, but its LRP rule (LayerNormRule) is not implemented yet"
-
-
-def _normalization(op_type: str, check=first_input_only) -> OpSpec:
-    return OpSpec(op_type, Kind.NORMALIZATION, _linearized_vjp, route=identity_route, linear=False, check=check)
 
 
 # -- activations ------------------------------------------------------------------------
 
-#: ReLU-like activations and their smooth relatives: relevance passes through unchanged
-#: (Zennit's Pass rule). SiLU and the Gelu/HardSwish patterns of old exporters are fused
-#: into these by lrpc.passes.fusion.
+#: Elementwise non-linearities: relevance passes through unchanged (Zennit's Pass rule,
+#: AttnLRP's identity rule). SiLU and the Gelu/HardSwish patterns of old exporters are
+#: fused into these by lrpc.passes.fusion.
 ACTIVATIONS = ["Relu", "LeakyRelu", "Clip", "PRelu", "HardSwish", "Gelu", "SiLU", "Swish", "Elu", "Selu", "Celu",
-               "Mish", "Softplus"]
+               "Mish", "Softplus", "Tanh", "Sigmoid"]
 
 
 def activation_spec(op_type: str) -> OpSpec:
@@ -130,11 +103,10 @@ SPECS = [
     OpSpec("Add", Kind.MERGE, _add_vjp, params=other_operand("bias")),
     OpSpec("Sub", Kind.MERGE, _sub_vjp, params=other_operand("bias")),
     OpSpec("Sum", Kind.MERGE, _add_vjp),
-    OpSpec("Mul", Kind.AFFINE, _mul_vjp, params=other_operand("weight"), check=_mul_check, blocks=_is_gate),
-    OpSpec("BatchNormalization", Kind.NORMALIZATION, _bn_vjp, forward=_bn_forward, params=_bn_params,
-           route=identity_route, check=_bn_check),
-    _normalization("LRN"),
-    _normalization("InstanceNormalization"),
-    _normalization("LayerNormalization", check=_layernorm_check),
+    OpSpec("Neg", Kind.AFFINE, _neg_vjp, check=first_input_only),
+    OpSpec("Mul", Kind.AFFINE, _mul_vjp, params=other_operand("weight"), blocks=_is_gate, multilinear=True,
+           gate=gate_slot),
+    OpSpec("Where", Kind.ROUTING, route=_where_route, check=_where_check),
     *[activation_spec(op) for op in ACTIVATIONS],
 ]
+

@@ -1,11 +1,12 @@
-"""Layers with weights: Conv, ConvTranspose, Gemm, MatMul with a constant operand."""
+"""Layers with weights: Conv, ConvTranspose, Gemm; MatMul with a weight or of two activations."""
 
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ..graph import constant_value, static_shape
+from ..graph import static_shape
 from ..spec import Kind, OpSpec, const_slots, int_list, other_operand, text_attr
+from .products import gate_slot
 from .windows import transposed_window
 
 
@@ -99,21 +100,42 @@ def _gemm_vjp(em, layer, inputs, params, s):
     return [em.sym(g)]
 
 
+def _swap_last(em, x, rank: int):
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    return em.op("Transpose", [x], {"perm": perm}, dtype=em.dtype)
+
+
+def _sum_batch_axes(em, g, layer, slot: int):
+    """Reduce ``g`` over the batch axes along which input ``slot`` was broadcast."""
+    out, mine = static_shape(layer.output), static_shape(layer.node.inputs[slot])
+    lead = len(out) - len(mine)
+    axes = list(range(lead)) + [i + lead for i, d in enumerate(mine[:-2]) if d == 1 and out[i + lead] != 1]
+    if not axes:
+        return em.sym(g)
+    summed = em.op("ReduceSum", [g, em.ints(axes)], {"keepdims": 1}, dtype=em.dtype)
+    return em.sym(em.op("Reshape", [summed, em.shape_of(layer.node.inputs[slot])], dtype=em.dtype))
+
+
 def _matmul_vjp(em, layer, inputs, params, s):
-    wt = em.op("Transpose", [params["weight"]], {"perm": [1, 0]}, dtype=em.dtype)
-    if layer.acts == [0]:
-        return [em.sym(em.op("MatMul", [s, wt], dtype=em.dtype))]
-    return [em.sym(em.op("MatMul", [wt, s], dtype=em.dtype))]
+    """``z = A·B``: ``∂/∂A = s·Bᵀ``, ``∂/∂B = Aᵀ·s``, for whichever factors carry relevance
+    (a constant weight on either side, or two activations: ``Q·Kᵀ``, ``A·V``)."""
+    node = layer.node
+    factors = layer.operands(inputs, params)
+    grads = []
+    for slot in layer.acts:
+        other = 1 - slot
+        swapped = _swap_last(em, factors[other], len(static_shape(node.inputs[other])))
+        g = em.op("MatMul", [s, swapped] if slot == 0 else [swapped, s], dtype=em.dtype)
+        grads.append(_sum_batch_axes(em, g, layer, slot))
+    return grads
 
 
 def _matmul_check(node: gs.Node, acts: list[int]) -> str | None:
-    if len(acts) != 1:
-        return "a product of two activations is not supported"
-    weight = node.inputs[1 - acts[0]]
-    if constant_value(weight) is None:
-        return "its weights are not constant"
-    if len(static_shape(weight)) != 2:
-        return "only 2-D constant weight matrices are supported"
+    shapes = [static_shape(t) for t in node.inputs]
+    if any(shape is None for shape in shapes) or static_shape(node.outputs[0]) is None:
+        return "operand ranks are unknown"
+    if any(len(shape) < 2 for shape in shapes):
+        return "a 1-D operand (matrix-vector product) is not supported"
     return None
 
 
@@ -123,5 +145,6 @@ SPECS = [
     OpSpec("Conv", Kind.LINEAR, _conv_vjp, params=_WEIGHT_BIAS, check=_constant_weights),
     OpSpec("ConvTranspose", Kind.LINEAR, _conv_transpose_vjp, params=_WEIGHT_BIAS, check=_conv_transpose_check),
     OpSpec("Gemm", Kind.LINEAR, _gemm_vjp, params=_WEIGHT_BIAS, check=_constant_weights),
-    OpSpec("MatMul", Kind.LINEAR, _matmul_vjp, params=other_operand("weight"), check=_matmul_check),
+    OpSpec("MatMul", Kind.LINEAR, _matmul_vjp, params=other_operand("weight"), check=_matmul_check,
+           multilinear=True, gate=gate_slot),
 ]

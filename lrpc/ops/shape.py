@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph import constant_value, static_shape
 from ..spec import Kind, OpSpec, first_input_only, identity_route, identity_vjp, text_attr, vjp_route
+from .elementwise import unbroadcast
 from .pooling import reshape_back
 
 
@@ -54,17 +55,15 @@ def _transpose_vjp(em, layer, inputs, params, s):
     return [em.sym(em.op("Transpose", [s], {"perm": inverse}, dtype=em.dtype))]
 
 
-def _slice_vjp(em, layer, inputs, params, s):
-    """Scatter ``s`` back to the positions the slice read: the same Slice applied to a
-    tensor of flat indices says where each output came from (any starts, ends, axes,
-    steps, negative or clamped)."""
-    node = layer.node
+def _scatter_back(em, layer, s, select):
+    """The VJP of an op that picks input elements (Slice, Gather): ``select`` applied to a
+    tensor of flat indices shaped like the input says where each output came from, and
+    ``s`` is scatter-added there (any starts/ends/steps, negative or repeated indices)."""
     a = layer.act()
     shape = em.shape_of(a)
     count = em.op("ReduceProd", [shape], {"keepdims": 0}, dtype=np.int64)
     flat_index = em.op("Range", [em.const(0, np.int64), count, em.const(1, np.int64)], dtype=np.int64)
-    index = em.op("Reshape", [flat_index, shape], dtype=np.int64)
-    picked = em.op("Slice", [index, *node.inputs[1:]], dtype=np.int64)
+    picked = select(em.op("Reshape", [flat_index, shape], dtype=np.int64))
     flat = em.ints([-1])
     zeros = em.filled(em.op("Reshape", [count, em.ints([1])], dtype=np.int64), 0.0)
     scattered = em.op(
@@ -74,6 +73,23 @@ def _slice_vjp(em, layer, inputs, params, s):
         dtype=em.dtype,
     )
     return [em.sym(em.op("Reshape", [scattered, shape], dtype=em.dtype))]
+
+
+def _slice_vjp(em, layer, inputs, params, s):
+    return _scatter_back(em, layer, s, lambda index: em.op("Slice", [index, *layer.node.inputs[1:]], dtype=np.int64))
+
+
+def _gather_vjp(em, layer, inputs, params, s):
+    """Gather on an activation (the class token ``x[:, 0]``, the last position): relevance
+    scattered back into zeros at the gathered positions."""
+    axis = int(layer.node.attrs.get("axis", 0))
+    return _scatter_back(em, layer, s, lambda index: em.op("Gather", [index, layer.node.inputs[1]], {"axis": axis},
+                                                             dtype=np.int64))
+
+
+def _expand_vjp(em, layer, inputs, params, s):
+    """Broadcasting copies: the copies' relevance sums back onto the original."""
+    return [unbroadcast(em, s, layer, 0)]
 
 
 def _slice_check(node: gs.Node, acts: list[int]) -> str | None:
@@ -117,6 +133,12 @@ def _pad_vjp(em, layer, inputs, params, s):
     return [em.sym(em.op("Slice", [s, em.ints(begin), ends], dtype=em.dtype))]
 
 
+def _expand_check(node: gs.Node, acts: list[int]) -> str | None:
+    if static_shape(node.inputs[0]) is None or static_shape(node.outputs[0]) is None:
+        return "input or output rank is unknown"
+    return first_input_only(node, acts)
+
+
 def _cast_check(node: gs.Node, acts: list[int]) -> str | None:
     from onnx import helper
 
@@ -131,6 +153,8 @@ SPECS = [
     OpSpec("Concat", Kind.MERGE, _concat_vjp, check=_rank_known),
     OpSpec("Split", Kind.ROUTING, route_outputs=_split_route, check=_split_check),
     OpSpec("Slice", Kind.RESHAPING, _slice_vjp, route=vjp_route, check=_slice_check),
+    OpSpec("Gather", Kind.RESHAPING, _gather_vjp, route=vjp_route, check=first_input_only),
+    OpSpec("Expand", Kind.RESHAPING, _expand_vjp, route=vjp_route, check=_expand_check),
     OpSpec("Pad", Kind.RESHAPING, _pad_vjp, route=vjp_route, check=_pad_check),
     OpSpec("Reshape", Kind.RESHAPING, _reshape_vjp, route=vjp_route, check=first_input_only),
     OpSpec("Flatten", Kind.RESHAPING, _reshape_vjp, route=vjp_route, check=first_input_only),

@@ -4,8 +4,10 @@
 function inlining, opset upgrade, shape inference, constant folding, Identity/Dropout
 removal, constant arithmetic in affine form, per-channel affine and BatchNorm fusion into
 the layer before, shape inference again (the emitter reads static shapes), choosing the
-explained input and the relevance start (the logits before a final Softmax/LogSoftmax),
-and last the exporter patterns fused into one op (LayerNorm, LRN, GELU, HardSwish, SiLU).
+explained input (an integer input: its embedding), the relevance start (the logits before
+a final Softmax/LogSoftmax) and, for sequence outputs, the explained position; optionally
+LayerNorm split from its affine part; and last the exporter patterns fused into one op
+(LayerNorm, RMSNorm, LRN, GELU, HardSwish, SiLU).
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from .affine import constant_arithmetic_to_affine
 from .batchnorm import fuse_affine, fuse_batchnorm
 from .constants import fold_constants
 from .functions import inline_functions
-from .fusion import fuse_gelu, fuse_hardswish, fuse_layernorm, fuse_lrn, fuse_silu
+from .fusion import fuse_gelu, fuse_hardswish, fuse_layernorm, fuse_lrn, fuse_rmsnorm, fuse_silu
 from .identity import remove_identity
-from .io import select_input, strip_softmax
+from .io import choose_position, select_input, strip_softmax
+from .layernorm import split_layernorm
 from .opset import upgrade_opset
 from .shapes import infer_shapes
 
 __all__ = [
     "canonize",
+    "choose_position",
     "constant_arithmetic_to_affine",
     "fold_constants",
     "fuse_affine",
@@ -31,17 +35,20 @@ __all__ = [
     "fuse_hardswish",
     "fuse_layernorm",
     "fuse_lrn",
+    "fuse_rmsnorm",
     "fuse_silu",
     "inline_functions",
     "infer_shapes",
     "remove_identity",
     "select_input",
+    "split_layernorm",
     "strip_softmax",
     "upgrade_opset",
 ]
 
 
-def canonize(program: Program, input_name: str | None = None, output_name: str | None = None) -> Program:
+def canonize(program: Program, input_name: str | None = None, output_name: str | None = None,
+             position: int | None = None, split_layernorms: bool = False) -> Program:
     program = inline_functions(program)
     program = upgrade_opset(program)
     program = infer_shapes(program)
@@ -53,7 +60,10 @@ def canonize(program: Program, input_name: str | None = None, output_name: str |
     program = infer_shapes(program)
     program = select_input(program, input_name)
     program = strip_softmax(program, output_name)
+    program = choose_position(program, position)
+    if split_layernorms:
+        program = split_layernorm(program)
     # pattern fusion comes last: fused nodes live only until the compiled model is written
-    for fuse in (fuse_layernorm, fuse_lrn, fuse_gelu, fuse_hardswish, fuse_silu):
+    for fuse in (fuse_layernorm, fuse_rmsnorm, fuse_lrn, fuse_gelu, fuse_hardswish, fuse_silu):
         program = fuse(program)
     return program

@@ -1,5 +1,6 @@
 """Exporter patterns fused back into one op: HardSwish, SiLU, GELU (erf and tanh forms),
-LayerNorm written out as ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div.
+LayerNorm written out as ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div, RMSNorm as
+Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul.
 
 Old exporters (and some new ones, below the opset that has the op) spell these
 functions with primitive ops. For relevance they are one activation (or one
@@ -10,6 +11,13 @@ order and nesting (``x * 0.5 * (...)`` or ``(x * (...)) * 0.5``) do not matter.
 
 The fused node exists during analysis only (:meth:`lrpc.graph.Program.fuse`): the
 compiled file keeps the original nodes, so its forward pass is the input model's.
+
+Why not onnxscript's rewriter (``onnxscript.rewriter.pattern``, which has RMSNorm and
+attention fusions of its own): it rewrites ``onnx_ir`` graphs permanently into
+onnxruntime's contrib ops, while lrpc works on onnx-graphsurgeon graphs and needs each
+fusion undone on export (the compiled file computes the model's own standard ops). Using
+it would mean an IR round trip per pass plus the restore bookkeeping kept here anyway.
+Attention itself is not fused: its MatMuls and Softmax are explained op by op.
 """
 
 from __future__ import annotations
@@ -188,6 +196,39 @@ def _layernorm(p: _Pattern):
     return "LayerNormalization", x, {"axis": min(axes[0]), "epsilon": float(np.ravel(eps)[0])}
 
 
+def _rmsnorm(p: _Pattern):
+    """x · 1/√(mean(x²) + eps): ``Mul`` by ``Reciprocal``/``Div(1, ·)`` of the root, or ``Div``
+    by it, over the last axes (the scale γ stays a separate ``Mul``)."""
+    root = p.root
+    candidates = [tuple(root.inputs)] if root.op == "Div" else [tuple(root.inputs), tuple(reversed(root.inputs))]
+    for x, scale in p.attempts(candidates):
+        if root.op == "Div":
+            sqrt = p.producer(scale, "Sqrt")
+        else:
+            inverse = p.producer(scale, ("Reciprocal", "Div"))
+            if inverse is None or (inverse.op == "Div" and not _scalar(inverse.inputs[0], 1.0)):
+                continue
+            sqrt = p.producer(inverse.inputs[-1], "Sqrt")
+        if sqrt is None:
+            continue
+        terms = p.spread(sqrt.inputs[0], "Add")
+        eps = next((constant_value(t) for t in terms if constant_value(t) is not None), None)
+        mean = next((t for t in terms if constant_value(t) is None), None)
+        mean_node = p.producer(mean, "ReduceMean") if len(terms) == 2 and mean is not None else None
+        if eps is None or mean_node is None:
+            continue
+        square = p.producer(mean_node.inputs[0], ("Pow", "Mul"))
+        if square is None or square.inputs[0] is not x:
+            continue
+        if (square.op == "Pow" and not _scalar(square.inputs[1], 2.0)) or (square.op == "Mul" and square.inputs[1] is not x):
+            continue
+        axes = _axes(mean_node)
+        if axes is None:
+            continue
+        return "RMSNormalization", x, {"axis": min(axes), "epsilon": float(np.ravel(eps)[0])}
+    return None
+
+
 # single-input ops torch puts between x² and the window sum of its LRN decomposition
 _LRN_WINDOW_OPS = ("Reshape", "Pad", "AveragePool", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 
@@ -283,6 +324,11 @@ def fuse_gelu(program: Program) -> Program:
 def fuse_lrn(program: Program) -> Program:
     """LocalResponseNorm written with Mul/Pad/AveragePool/Pow/Div -> LRN."""
     return _fuse_pattern(program, ("Div",), _lrn)
+
+
+def fuse_rmsnorm(program: Program) -> Program:
+    """RMSNorm written with Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul -> RMSNormalization."""
+    return _fuse_pattern(program, ("Mul", "Div"), _rmsnorm)
 
 
 def fuse_layernorm(program: Program) -> Program:

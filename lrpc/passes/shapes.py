@@ -15,6 +15,7 @@ def infer_shapes(program: Program) -> Program:
         return program
     new = Program.from_model(inferred)
     new.ir_version, new.opset = program.ir_version, program.opset
-    new.input_name, new.output_name, new.start_name = program.input_name, program.output_name, program.start_name
+    for name in ("input_name", "explained_name", "output_name", "start_name", "position"):
+        setattr(new, name, getattr(program, name))
     new.notes = program.notes
     return new

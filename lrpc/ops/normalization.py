@@ -1,0 +1,175 @@
+"""Normalizations and the softmax: BatchNorm, LRN, InstanceNorm, LayerNorm, RMSNorm, Softmax.
+
+A data-dependent normalization is not linear in its input, so LRP linearizes it: the
+normalizing statistic is held at its forward value (AttnLRP, Achtibat et al. 2024; the
+LRP-LN rule of Ali et al. 2022). With σ constant, LayerNorm ``y = (x − μ(x))/σ · γ + β``
+is an affine map of ``x`` (the centring stays), RMSNorm ``y = x/rms · γ`` a scaling.
+Each spec's forward and VJP are those of that linear map, so every rule applies through
+the generic formula; :class:`~lrpc.rules.LayerNormRule` is the ε-rule on it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import constant_value, static_shape
+from ..spec import Kind, OpSpec, const_slots, first_input_only, identity_route
+from ..symbolic import Emitter, Sym
+
+# -- standalone BatchNormalization: y = x * weight + bias per channel -------------------
+
+
+def _bn_params(node: gs.Node, acts: list[int]):
+    scale, bias, mean, var = (constant_value(t) for t in node.inputs[1:5])
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    weight = scale / np.sqrt(var + eps)
+    shift = bias - mean * weight
+    rank = len(static_shape(node.inputs[0]) or (0, 0, 0, 0))
+    tail = (1,) * max(rank - 2, 0)
+    name = node.outputs[0].name
+    return {
+        "weight": gs.Constant(f"{name}/lrp_weight", weight.reshape(-1, *tail).astype(scale.dtype)),
+        "bias": gs.Constant(f"{name}/lrp_bias", shift.reshape(-1, *tail).astype(scale.dtype)),
+    }
+
+
+def _bn_check(node: gs.Node, acts: list[int]) -> str | None:
+    if any(constant_value(t) is None for t in node.inputs[1:5]):
+        return "its statistics are not constant (training mode)"
+    return first_input_only(node, acts)
+
+
+def _bn_forward(em, layer, inputs, params):
+    return inputs[0] * params["weight"] + params["bias"]
+
+
+def _bn_vjp(em, layer, inputs, params, s):
+    return [s * params["weight"]]
+
+
+# -- LRN, InstanceNorm: the whole normalizing factor held constant -----------------------
+
+
+def _linearized_vjp(em, layer, inputs, params, s):
+    """``y = x · f(x)`` with the normalizing factor ``f`` held constant (its value at the
+    forward pass): the VJP is ``s · y / x``, so Zero/Epsilon pass relevance through as
+    the PassRule does."""
+    x, y = em.sym(layer.act()), em.sym(layer.output)
+    safe = x + x.mask("eq")  # where x == 0, y/x is irrelevant: the rule multiplies by x
+    return [s * (y / safe)]
+
+
+def _factor_held(op_type: str) -> OpSpec:
+    return OpSpec(op_type, Kind.NORMALIZATION, _linearized_vjp, route=identity_route, linear=False,
+                  check=first_input_only)
+
+
+# -- LayerNorm and RMSNorm with σ (rms) held constant ------------------------------------
+
+
+def _normalized_axes(layer) -> list[int]:
+    rank = len(static_shape(layer.act()))
+    axis = int(layer.node.attrs.get("axis", -1)) % rank
+    return list(range(axis, rank))
+
+
+def _mean(x: Sym, layer) -> Sym:
+    """Mean over the normalized axes, counted from the layer input's static shape."""
+    return x.mean(_normalized_axes(layer), shape_of=layer.act())
+
+
+def _eps(layer) -> float:
+    return float(layer.node.attrs.get("epsilon", 1e-5))
+
+
+def _inverse_scale(em: Emitter, layer, centre: bool) -> Sym:
+    """``1/σ`` (LayerNorm, ``centre``) or ``1/rms`` (RMSNorm) of the layer's own input:
+    the statistic LRP holds constant. Computed once per layer (the emitter memoizes)."""
+    a = em.sym(layer.act())
+    d = a - _mean(a, layer) if centre else a
+    spread = _mean(d * d, layer) + _eps(layer)
+    root = em.sym(em.op("Sqrt", [spread], dtype=em.dtype), nonneg=True)
+    return em.sym(em.op("Reciprocal", [root], dtype=em.dtype), nonneg=True)
+
+
+def _affine(y: Sym, params: dict) -> Sym:
+    if "weight" in params:
+        y = y * params["weight"]
+    if "bias" in params:
+        y = y + params["bias"]
+    return y
+
+
+def _layernorm_forward(em, layer, inputs, params):
+    x = inputs[0]
+    return _affine((x - _mean(x, layer)) * _inverse_scale(em, layer, True), params)
+
+
+def _layernorm_vjp(em, layer, inputs, params, s):
+    """The adjoint of ``x ↦ (x − mean x)·γ/σ``: ``(γs − mean(γs))/σ`` (centring is symmetric)."""
+    g = s * params["weight"] if "weight" in params else s
+    return [(g - _mean(g, layer)) * _inverse_scale(em, layer, True)]
+
+
+def _rmsnorm_forward(em, layer, inputs, params):
+    return _affine(inputs[0] * _inverse_scale(em, layer, False), params)
+
+
+def _rmsnorm_vjp(em, layer, inputs, params, s):
+    g = s * params["weight"] if "weight" in params else s
+    return [g * _inverse_scale(em, layer, False)]
+
+
+def _norm_check(node: gs.Node, acts: list[int]) -> str | None:
+    if static_shape(node.inputs[0]) is None:
+        return "input rank is unknown"
+    return first_input_only(node, acts)
+
+
+def _statistic_held(op_type: str, forward, vjp) -> OpSpec:
+    # scale (γ) and bias (β) are parameters; a fused pattern has neither
+    return OpSpec(op_type, Kind.NORMALIZATION, vjp, forward=forward, params=const_slots((1, "weight"), (2, "bias")),
+                  route=identity_route, check=_norm_check)
+
+
+# -- Softmax inside the network -------------------------------------------------------------
+
+
+def _softmax_axis(layer) -> list[int]:
+    rank = len(static_shape(layer.act()))
+    return [int(layer.node.attrs.get("axis", -1)) % rank]
+
+
+def _softmax_vjp(em, layer, inputs, params, s):
+    """Jacobian-transpose of the softmax at the layer's input: ``p ⊙ (s − Σ p ⊙ s)``."""
+    p = em.sym(layer.output, nonneg=True)
+    ps = p * s
+    return [ps - p * ps.sum(_softmax_axis(layer))]
+
+
+def _softmax_taylor(em, layer, R):
+    """``x ⊙ (R − p ⊙ Σ R)``: the Taylor expansion at ``x``, with the division by ``p``
+    cancelled, so no stabilizer is needed. Masked positions (``p == 0``, from ``-inf`` or
+    the dtype's lowest value) get 0, never NaN."""
+    x, p = em.sym(layer.act()), em.sym(layer.output, nonneg=True)
+    relevance = x * (R - p * R.sum(_softmax_axis(layer)))
+    masked = em.op("Equal", [p, em.const(0.0)], dtype=np.bool_)
+    return [em.sym(em.const(0.0)).where(masked, relevance)]
+
+
+def _softmax_check(node: gs.Node, acts: list[int]) -> str | None:
+    return _norm_check(node, acts)
+
+
+SPECS = [
+    OpSpec("BatchNormalization", Kind.NORMALIZATION, _bn_vjp, forward=_bn_forward, params=_bn_params,
+           route=identity_route, check=_bn_check),
+    _factor_held("LRN"),
+    _factor_held("InstanceNormalization"),
+    _statistic_held("LayerNormalization", _layernorm_forward, _layernorm_vjp),
+    _statistic_held("RMSNormalization", _rmsnorm_forward, _rmsnorm_vjp),
+    # onnxruntime's name for RMSNorm (in the default domain)
+    _statistic_held("SimplifiedLayerNormalization", _rmsnorm_forward, _rmsnorm_vjp),
+    OpSpec("Softmax", Kind.SOFTMAX, _softmax_vjp, linear=False, check=_softmax_check, taylor=_softmax_taylor),
+]

@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: it takes the CPU build that lies on the machine
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[cpu,dev]'
+	# zennit pulls in a torchvision build that fails to import beside the CPU torch, and
+	# transformers imports torchvision whenever it is installed; nothing here needs it
+	# (the tests stub the one module zennit imports)
+	$(PY) -m pip uninstall -q -y torchvision
 	touch $(STAMP)
 
 install: $(STAMP)

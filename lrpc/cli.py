@@ -52,6 +52,10 @@ def _add_model_options(p: argparse.ArgumentParser, composite: bool = True) -> No
                  '"Composite(GlobalMap(EpsilonRule(epsilon=1e-9)))" (default: EpsilonPlusFlat)',
         )
         p.add_argument("--rules", help="TOML rules file (see README)")
+        p.add_argument("--position", type=int,
+                       help="sequence outputs [N, T, V] (language models): the position explained (default -1, the last)")
+        p.add_argument("--split-layernorm", action="store_true",
+                       help="split LayerNorm from its affine part (scale, shift) so each takes its own rule")
     p.add_argument("--input", dest="input_name", help="input to explain (default: the first)")
     p.add_argument("--output", dest="output_name", help="output whose class is explained (default: the first)")
     p.add_argument("--skip-checks", action="store_true", help="compile even if the model check fails")
@@ -77,6 +81,8 @@ def cmd_compile(args) -> int:
         relevance_at=args.relevance_at or (),
         crp_layer=args.crp_layer,
         features=parse_features(args.features) if args.features is not None else None,
+        position=args.position,
+        split_layernorm=args.split_layernorm,
     )
     if not args.quiet:
         import onnx
@@ -105,7 +111,8 @@ def cmd_inspect(args) -> int:
     from .inspection import layer_table
 
     analysis = analyze_model(args.model, _composite_from_args(args), input_name=args.input_name,
-                             output_name=args.output_name, skip_checks=args.skip_checks)
+                             output_name=args.output_name, skip_checks=args.skip_checks, position=args.position,
+                             split_layernorm=args.split_layernorm)
     _print_table(layer_table(analysis, with_rules=True))
     return 0
 
@@ -132,15 +139,15 @@ def _read_inputs(files: list, analyzer, args):
     return spec, prep, plan(files, spec, prep)
 
 
-def _heatmap_names(samples) -> list[str]:
+def _heatmap_names(samples, prefix: str = "heatmap", suffix: str = ".png") -> list[str]:
     """heatmap_<stem>.png per image / one-sample .npy, heatmap_<index>.png per row of a .npy
     batch; clashes (a.png and a.jpg, or names differing in case) get _2, _3, ..."""
     names, used = [], set()
     for i, sample in enumerate(samples):
         stem = f"{i:03d}" if sample.row is not None else sample.path.stem
-        name, k = f"heatmap_{stem}.png", 2
+        name, k = f"{prefix}_{stem}{suffix}", 2
         while name.casefold() in used:
-            name, k = f"heatmap_{stem}_{k}.png", k + 1
+            name, k = f"{prefix}_{stem}_{k}{suffix}", k + 1
         used.add(name.casefold())
         names.append(name)
     return names
@@ -180,49 +187,136 @@ def _progress_bar(total: int):
     return progress, progress.add_task("explain", total=total)
 
 
+def _read_feeds(items, total: int) -> dict:
+    """``--feed NAME=FILE.npy``: the model's other inputs, one row per explained sample (or
+    one sample's worth, used for every sample)."""
+    from .errors import InputError
+
+    feeds = {}
+    for item in items or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--feed {item!r}: give NAME=FILE.npy")
+        try:
+            value = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--feed {name}: {path} is not a readable .npy array ({exc})") from None
+        feeds[name] = value
+    return feeds
+
+
+def _feed_rows(feeds: dict, start: int, stop: int, total: int) -> dict:
+    return {name: value[start:stop] if value.ndim and value.shape[0] == total
+            else np.broadcast_to(value, (stop - start, *value.shape)) for name, value in feeds.items()}
+
+
 def _explain_all(analyzer, samples, spec, prep, args):
-    """Relevance, output and target of every sample, and its heatmap PNG, batch by batch.
-    Everything stays in memory until the end: a failure in any batch writes nothing."""
+    """Relevance, output and target of every sample, its heatmap PNG (None for token
+    models) and the token ids (token models), batch by batch. Everything stays in memory
+    until the end: a failure in any batch writes nothing."""
     from contextlib import nullcontext
 
     from .images import load
 
-    relevance, output, target, pngs = [], [], [], []
-    batches = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
-    progress, task = _progress_bar(len(samples)) if len(batches) > 1 else (None, None)
+    relevance, output, target, pngs, ids = [], [], [], [], []
+    feeds = _read_feeds(args.feed, len(samples))
+    starts = range(0, len(samples), args.batch_size)
+    progress, task = _progress_bar(len(samples)) if len(starts) > 1 else (None, None)
     with progress or nullcontext():
-        for batch in batches:
+        for start in starts:
+            batch = samples[start:start + args.batch_size]
             x, shown = load(batch, spec, prep, shown=args.overlay)
-            expl = analyzer.analyze(x, args.target)
+            extra = _feed_rows(feeds, start, start + len(batch), len(samples))
+            expl = analyzer.analyze(x, args.target, extra_inputs=extra)
             relevance.append(expl.val)
             output.append(expl.output)
             target.append(np.asarray(expl.output_selection))
-            pngs.extend(_heatmap_pngs(expl.val, batch, shown, spec, args))
+            if analyzer.explains_tokens:
+                ids.append(x)
+                pngs.extend([None] * len(batch))
+            else:
+                pngs.extend(_heatmap_pngs(expl.val, batch, shown, spec, args))
             if progress:
                 progress.advance(task, len(batch))
-    return np.concatenate(relevance), np.concatenate(output), np.concatenate(target), pngs
+    token_ids = np.concatenate(ids) if ids else None
+    return np.concatenate(relevance), np.concatenate(output), np.concatenate(target), pngs, token_ids
 
 
-def _write_explanations(outdir: Path, samples, pngs, relevance, output, target) -> list[dict]:
-    """heatmap PNGs, relevance.npz and summary.json, each written atomically."""
+def _token_strings(ids: np.ndarray, args) -> list[list[str]]:
+    """Token strings per sample: from ``--tokens`` (a JSON list of strings, or one list per
+    sample), from ``--tokenizer`` (a ``tokenizers`` JSON file or a folder holding
+    ``tokenizer.json``), else the ids themselves."""
+    from .errors import InputError
+
+    if args.tokens:
+        try:
+            data = json.loads(Path(args.tokens).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--tokens {args.tokens}: not a readable JSON file ({exc})") from None
+        rows = [data] * len(ids) if data and all(isinstance(t, str) for t in data) else data
+        if not isinstance(rows, list) or len(rows) != len(ids) or not all(isinstance(r, list) for r in rows):
+            raise InputError(f"--tokens: give a list of token strings, or one list per sample ({len(ids)})")
+        for i, row in enumerate(rows):
+            if len(row) != ids.shape[1]:
+                raise InputError(f"--tokens: sample {i} has {len(row)} tokens, its ids {ids.shape[1]}")
+        return [[str(t) for t in row] for row in rows]
+    if args.tokenizer:
+        path = Path(args.tokenizer)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        try:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(path))
+        except ImportError:
+            raise InputError("--tokenizer needs the tokenizers package (pip install tokenizers)") from None
+        except Exception as exc:  # tokenizers raises its own exception types for unreadable files
+            raise InputError(f"--tokenizer {path}: not a readable tokenizers file ({exc})") from None
+        return [[tokenizer.id_to_token(int(i)) or f"[{int(i)}]" for i in row] for row in ids]
+    return [[str(int(i)) for i in row] for row in ids]
+
+
+def _text_heatmaps(ids, relevance, args) -> list:
+    from .heatmap import text_heatmap
+
+    return [text_heatmap(tokens, r.sum(axis=-1), colormap=args.colormap, rangescale=args.rangescale)
+            for tokens, r in zip(_token_strings(ids, args), relevance)]
+
+
+def _html_page(text, title: str) -> bytes:
+    import html
+
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>"
+            f"<body>{text.to_html()}</body></html>\n").encode()
+
+
+def _prediction(analyzer, output: np.ndarray) -> int:
+    scores = output if analyzer.position is None else output[analyzer.position]
+    return int(np.argmax(scores.reshape(-1)))
+
+
+def _write_explanations(outdir: Path, analyzer, samples, files, names, relevance, output, target) -> list[dict]:
+    """Heatmaps (PNG, or HTML for text), relevance.npz and summary.json, each written atomically."""
     from .graph import atomic_path
 
     outdir.mkdir(parents=True, exist_ok=True)
     summary = []
-    for i, (sample, name, png) in enumerate(zip(samples, _heatmap_names(samples), pngs)):
-        if png is not None:
+    for i, (sample, name, data) in enumerate(zip(samples, names, files)):
+        if data is not None:
             with atomic_path(outdir / name) as tmp:
-                Path(tmp).write_bytes(png)
+                Path(tmp).write_bytes(data)
         summary.append({
             "index": i,
             "input": sample.name,
-            "prediction": int(np.argmax(output[i].reshape(-1))),
+            "prediction": _prediction(analyzer, output[i]),
             "target": int(target[i]),
             "relevance_sum": float(relevance[i].sum()),
-            "heatmap": name if png is not None else None,
+            "heatmap": name if data is not None else None,
         })
+    arrays = dict(relevance=relevance, output=output, target=target, inputs=np.array([s.name for s in samples]))
+    if analyzer.explains_tokens:
+        arrays["token_relevance"] = relevance.sum(axis=-1)
     with atomic_path(outdir / "relevance.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, relevance=relevance, output=output, target=target, inputs=np.array([s.name for s in samples]))
+        np.savez(fh, **arrays)
     with atomic_path(outdir / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -244,19 +338,31 @@ def cmd_explain(args) -> int:
     files = collect(args.inputs)
     analyzer = LRP(args.model, _composite_from_args(args), input_name=args.input_name,
                    output_name=args.output_name, skip_checks=args.skip_checks,
-                   normalize_output_relevance=not args.no_normalize_output_relevance)
+                   normalize_output_relevance=not args.no_normalize_output_relevance,
+                   position=args.position, split_layernorm=args.split_layernorm)
     if any(p.key == "lrpc.crp" for p in analyzer.model.metadata_props):
         # one relevance row per feature and input: not one heatmap per input file
         raise LrpcError(f"{args.model} was compiled for CRP; explain a plain or LRP-compiled model "
                         "(CRP heatmaps: lrpc.CRP in Python, see examples/crp_digits.py)")
     spec, prep, samples = _read_inputs(files, analyzer, args)
-    relevance, output, target, pngs = _explain_all(analyzer, samples, spec, prep, args)
-    summary = _write_explanations(outdir, samples, pngs, relevance, output, target)
-    for entry in summary:
+    relevance, output, target, pngs, ids = _explain_all(analyzer, samples, spec, prep, args)
+    texts = _text_heatmaps(ids, relevance, args) if ids is not None else None
+    if texts is None:
+        files, names = pngs, _heatmap_names(samples)
+    else:
+        names = _heatmap_names(samples, "text", ".html")
+        files = [_html_page(text, name) for text, name in zip(texts, names)]
+    summary = _write_explanations(outdir, analyzer, samples, files, names, relevance, output, target)
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    for i, entry in enumerate(summary):
         where = f" -> {outdir / entry['heatmap']}" if entry["heatmap"] else ""
         print(f"{entry['input']}: predicted {entry['prediction']}, explained {entry['target']}, "
               f"sum(relevance) = {entry['relevance_sum']:.4f}{where}")
-    n_maps = sum(png is not None for png in pngs)
+        if texts is not None:
+            console.print(texts[i].to_terminal())
+    n_maps = sum(data is not None for data in files)
     print(f"wrote {n_maps} heatmap(s), relevance.npz and summary.json to {outdir}")
     return 0
 
@@ -312,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, help="class to explain (default: the prediction)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="samples per inference call (default 32)")
     p.add_argument("--no-normalize-output-relevance", action="store_true")
+    p.add_argument("--feed", action="append", metavar="NAME=FILE.npy",
+                   help="a value for another model input (attention_mask, ...), one row per sample; repeatable")
+    t = p.add_argument_group("text (token-id inputs: one HTML text heatmap per sample)")
+    t.add_argument("--tokens", metavar="FILE.json", help="token strings: a JSON list, or one list per sample")
+    t.add_argument("--tokenizer", metavar="PATH",
+                   help="a tokenizers file (tokenizer.json, or a model folder holding one) to show ids as tokens")
     g = p.add_argument_group("images (.npy inputs are fed as they are)")
     g.add_argument("--size", nargs=2, type=_positive_int, metavar=("H", "W"), help="resize images to H x W")
     g.add_argument("--layout", choices=LAYOUTS,

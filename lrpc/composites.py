@@ -57,11 +57,10 @@ ReshapingLayer = LayerGroup(
 NormalizationLayer = LayerGroup(
     "NormalizationLayer",
     frozenset({"BatchNormalization", "LRN", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
-               "RMSNormalization", "SimplifiedLayerNormalization"}),
+               "RMSNormalization"}),
 )
 #: normalizations over features whose statistic LayerNormRule holds constant
-LayerNormLayer = LayerGroup("LayerNormLayer",
-                            frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}))
+LayerNormLayer = LayerGroup("LayerNormLayer", frozenset({"LayerNormalization", "RMSNormalization"}))
 MergeLayer = LayerGroup("MergeLayer", frozenset({"Add", "Sub", "Sum", "Concat"}))
 
 GROUPS = {g.name: g for g in (ConvLayer, DenseLayer, PoolingLayer, DropoutLayer, ReshapingLayer,

@@ -452,9 +452,9 @@ class LayerNormRule(Rule):
     ``(γ, β)``, propagated together by the ε-rule (β absorbs its share). On RMSNorm
     (no centring) relevance passes through unchanged up to the stabilizer.
 
-    Applies to LayerNormalization (the op or the exporter's decomposed pattern),
-    RMSNormalization / SimplifiedLayerNormalization (and their pattern). To give the
-    affine part its own rule, compile with ``split_layernorm=True``.
+    Applies to LayerNormalization and RMSNormalization (the ops or the exporters'
+    decomposed patterns). To give LayerNorm's affine part its own rule, compile with
+    ``split_layernorm=True``.
     """
 
     def __init__(self, epsilon: float = 1e-6):

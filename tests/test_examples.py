@@ -59,7 +59,8 @@ def test_training_script_reproduces_a_working_model(tmp_path):
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("script", ["custom_layers.py", "assigning_rules.py", "crp_digits.py"])
+@pytest.mark.parametrize("script", ["custom_layers.py", "assigning_rules.py", "crp_digits.py",
+                                    "explain_transformer.py"])
 def test_example_scripts_run(script, tmp_path):
     """The runnable docs (README sections mirror them) must not rot."""
     done = subprocess.run([sys.executable, str(EXAMPLES / script), str(tmp_path / "out")],
@@ -70,5 +71,9 @@ def test_example_scripts_run(script, tmp_path):
         assert len(list((tmp_path / "out").glob("crp_*.png"))) == 5 * 2 + 3 * 2
     if script == "custom_layers.py":
         assert "unknown layer type" in done.stdout and "skip_checks: (2, 100)" in done.stdout
+    if script == "explain_transformer.py":
+        assert "relevance at the word embeddings: (2, 8, 32)" in done.stdout and "same as the API: True" in done.stdout
+        assert len(list((tmp_path / "out").glob("sentence_*.html"))) == 2
+        assert done.stderr == "", done.stderr
     if script == "assigning_rules.py":
         assert "the composite assigns the same rules: True" in done.stdout

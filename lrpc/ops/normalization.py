@@ -169,7 +169,5 @@ SPECS = [
     _factor_held("InstanceNormalization"),
     _statistic_held("LayerNormalization", _layernorm_forward, _layernorm_vjp),
     _statistic_held("RMSNormalization", _rmsnorm_forward, _rmsnorm_vjp),
-    # onnxruntime's name for RMSNorm (in the default domain)
-    _statistic_held("SimplifiedLayerNormalization", _rmsnorm_forward, _rmsnorm_vjp),
     OpSpec("Softmax", Kind.SOFTMAX, _softmax_vjp, linear=False, check=_softmax_check, taylor=_softmax_taylor),
 ]

@@ -15,6 +15,12 @@ from ..graph import Program
 
 
 def fold_constants(program: Program) -> Program:
+    # onnx-graphsurgeon folds with onnxruntime sessions whose optimizer warnings
+    # ("UnsqueezeElimination cannot remove node ...") go straight to the process's stderr
+    # and mean nothing to a user: keep onnxruntime's default logger at errors
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
     graph = program.graph
     gs_logger = logging.getLogger("onnx_graphsurgeon")
     previous = gs_logger.level

@@ -27,8 +27,11 @@ def split_layernorm(program: Program) -> Program:
         base = out.name
         normalized = gs.Variable(f"{base}/normalized", dtype=out.dtype, shape=out.shape)
         scaled = gs.Variable(f"{base}/scaled", dtype=out.dtype, shape=out.shape) if beta is not None else out
-        node.inputs[:] = [node.inputs[0], gs.Constant(f"{base}/unit_scale", np.ones_like(gamma))]
-        node.outputs[:] = [normalized]
+        x = node.inputs[0]
+        node.inputs.clear()
+        node.inputs.extend([x, gs.Constant(f"{base}/unit_scale", np.ones_like(gamma))])
+        node.outputs.clear()
+        node.outputs.append(normalized)
         prefix = node.name or base
         graph.nodes.append(gs.Node("Mul", name=f"{prefix}/scale", inputs=[normalized, gs.Constant(f"{base}/gamma", gamma)],
                                    outputs=[scaled]))

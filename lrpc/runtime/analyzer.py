@@ -43,7 +43,9 @@ class LRP:
     ``model`` may be a path or ModelProto of a plain model (compiled here) or of a file
     ``lrpc compile`` already wrote (used as is). Keyword arguments as in
     RelevancePropagation.jl: ``normalize_output_relevance``, ``skip_checks``,
-    ``verbose``; plus ``providers`` / ``threads`` for onnxruntime.
+    ``verbose``; ``position`` (sequence outputs: the explained position, default the
+    last) and ``split_layernorm`` as in :func:`lrpc.compile`; ``providers`` /
+    ``threads`` for onnxruntime.
     """
 
     def __init__(
@@ -57,6 +59,8 @@ class LRP:
         input_name: str | None = None,
         output_name: str | None = None,
         relevance_at=(),
+        position: int | None = None,
+        split_layernorm: bool = False,
         providers: list[str] | None = None,
         threads: int | None = None,
     ):
@@ -64,9 +68,11 @@ class LRP:
 
         proto = load_model(model)
         options = dict(normalize_output_relevance=normalize_output_relevance, skip_checks=skip_checks,
-                       verbose=verbose, input_name=input_name, output_name=output_name, relevance_at=tuple(relevance_at))
+                       verbose=verbose, input_name=input_name, output_name=output_name, relevance_at=tuple(relevance_at),
+                       position=position, split_layernorm=split_layernorm)
         if _is_compiled(proto):
-            if composite is not None or not normalize_output_relevance or input_name or output_name or relevance_at:
+            if (composite is not None or not normalize_output_relevance or input_name or output_name or relevance_at
+                    or position is not None or split_layernorm):
                 raise LrpcError("the model is already compiled: its rules and options are fixed; "
                                 "pass the original model to change them")
             self.source, self.composite, self.options = None, None, options
@@ -81,7 +87,8 @@ class LRP:
         opts = self.options
         analysis = analyze_model(self.source, self.composite, input_name=opts["input_name"],
                                  output_name=opts["output_name"], skip_checks=opts["skip_checks"],
-                                 verbose=opts["verbose"])
+                                 verbose=opts["verbose"], position=opts["position"],
+                                 split_layernorm=opts["split_layernorm"])
         model = emit_model(analysis, opts["normalize_output_relevance"], relevance_at=opts["relevance_at"], **concept)
         self._open(model, analysis, providers, threads)
 
@@ -90,10 +97,14 @@ class LRP:
         self._session_options = (providers, threads)
         meta = {p.key: p.value for p in self.model.metadata_props}
         self.input_name = meta.get("lrpc.input", self.model.graph.input[0].name)
+        self.position = int(meta["lrpc.position"]) if "lrpc.position" in meta else None
+        # an integer input (token ids) is explained at its embedding: relevance [N, T, H]
+        self.explains_tokens = meta.get("lrpc.explained", self.input_name) != self.input_name
         self.session = make_session(self.model, providers=providers, threads=threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
         model_outputs = [n for n in self.output_names if n != RELEVANCE_NAME]
         self.explained_output = meta.get("lrpc.output", model_outputs[0])
+        self.other_inputs = [i for i in self.session.get_inputs() if i.name not in (self.input_name, TARGET_NAME)]
         self._num_classes = None
 
     @property
@@ -110,12 +121,13 @@ class LRP:
         lines = [f"  {layer.name} ({layer.op_type}) => {rule!r}," for layer, rule in self.rules()]
         return "LRP(\n" + "\n".join(lines) + "\n)"
 
-    def analyze(self, input, output_selection=None) -> Explanation:
+    def analyze(self, input, output_selection=None, extra_inputs: dict | None = None) -> Explanation:
         """Explain a batch. ``output_selection``: None (arg-max), an int for every sample,
-        or one int per sample."""
+        or one int per sample (for language models: a vocabulary index). ``extra_inputs``:
+        the model's other inputs by name (``attention_mask``, ...); see :meth:`other_feeds`."""
         x = self._check_input(input)
         n = x.shape[0]
-        feeds = {self.input_name: x}
+        feeds = {self.input_name: x, **self.other_feeds(x, extra_inputs)}
         if output_selection is not None:
             target = np.asarray(output_selection).reshape(-1)
             if target.dtype.kind not in "iu":
@@ -125,7 +137,7 @@ class LRP:
                 target = np.repeat(target, n)
             if target.size != n:
                 raise TargetError(f"output_selection has {target.size} entries for a batch of {n}")
-            classes = self._classes(x[:1])
+            classes = self._classes({name: value[:1] for name, value in feeds.items()})
             bad = target[(target < 0) | (target >= classes)]
             if bad.size:
                 raise TargetError(f"output_selection {int(bad[0])} is out of range: the model has {classes} outputs (0..{classes - 1})")
@@ -133,28 +145,51 @@ class LRP:
         results = dict(zip(self.output_names, self.session.run(None, feeds)))
         relevance = results.pop(RELEVANCE_NAME)
         output = results.pop(self.explained_output)
-        selection = np.asarray(feeds.get(TARGET_NAME, np.argmax(output.reshape(n, -1), axis=1)))
+        scores = output if self.position is None else output[:, self.position]
+        selection = np.asarray(feeds.get(TARGET_NAME, np.argmax(scores.reshape(n, -1), axis=1)))
         if FEATURES_NAME in results:
             results["features"] = results.pop(FEATURES_NAME)
         return Explanation(relevance, output, selection, analyzer=self.name, extras=results)
 
     name = "LRP"
 
-    def _classes(self, sample: np.ndarray) -> int:
-        """Number of classes of the explained output (static shape, else one probe run)."""
+    def _classes(self, sample_feeds: dict) -> int:
+        """Number of classes of the explained output (static shape, else one probe run);
+        for sequence outputs ``[N, T, V]`` the vocabulary size ``V``."""
         if self._num_classes is None:
             meta = next(o for o in self.session.get_outputs() if o.name == self.explained_output)
-            dims = meta.shape[1:]
+            dims = meta.shape[2:] if self.position is not None else meta.shape[1:]
             if dims and all(isinstance(d, int) for d in dims):
                 self._num_classes = int(np.prod(dims))
             else:
-                out = self.session.run([self.explained_output], {self.input_name: sample})[0]
-                self._num_classes = int(np.prod(out.shape[1:]))
+                out = self.session.run([self.explained_output], sample_feeds)[0]
+                self._num_classes = int(np.prod(out.shape[2:] if self.position is not None else out.shape[1:]))
         return self._num_classes
+
+    def other_feeds(self, x: np.ndarray, given: dict | None = None) -> dict:
+        """Values for the model's other inputs: ``given`` by name, else the defaults a
+        transformer assumes when they are left out (``attention_mask``: ones,
+        ``token_type_ids``: zeros, ``position_ids``: 0..T-1), else an error naming them."""
+        given = dict(given or {})
+        unknown = set(given) - {i.name for i in self.other_inputs}
+        if unknown:
+            raise InputError(f"the model has no input(s) {sorted(unknown)}; its other inputs are "
+                             f"{[i.name for i in self.other_inputs]}")
+        feeds, missing = {}, []
+        for meta in self.other_inputs:
+            value = given[meta.name] if meta.name in given else _default_feed(meta, x)
+            if value is None:
+                missing.append(meta.name)
+                continue
+            feeds[meta.name] = np.asarray(value, dtype=_numpy_type(meta.type) or None)
+        if missing:
+            raise InputError(f"the model also needs {', '.join(repr(m) for m in missing)}: pass "
+                             "extra_inputs={name: array} (command line: --feed NAME=FILE.npy)")
+        return feeds
 
     def _check_input(self, input) -> np.ndarray:
         meta = next(i for i in self.session.get_inputs() if i.name == self.input_name)
-        dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}.get(meta.type)
+        dtype = _numpy_type(meta.type)
         try:
             x = np.asarray(input, dtype=dtype)
         except (TypeError, ValueError) as exc:
@@ -192,6 +227,29 @@ class CRP(LRP):
 
     def __repr__(self) -> str:
         return f"CRP(layer={self.layer!r}, features={self.features!r})"
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def _numpy_type(onnx_type: str):
+    return _NUMPY_TYPES.get(onnx_type)
+
+
+def _default_feed(meta, x: np.ndarray):
+    """What Hugging Face models assume for an input left out, shaped like the ids."""
+    name = meta.name.lower()
+    if x.ndim < 2 or meta.shape is None or len(meta.shape) != 2:
+        return None
+    n, length = x.shape[:2]
+    if "attention_mask" in name or name in ("mask", "attn_mask"):
+        return np.ones((n, length))
+    if "token_type" in name or "segment" in name:
+        return np.zeros((n, length))
+    if "position_ids" in name:
+        return np.broadcast_to(np.arange(length), (n, length)).copy()
+    return None
 
 
 def _show(shape) -> str:

@@ -142,6 +142,33 @@ def _identity_hook(module, inputs, output):
     return out
 
 
+def gradient_relevance(fn, x: np.ndarray, target, cp: bool = False, normalize: bool = False,
+                       position=None) -> np.ndarray:
+    """Relevance at ``x`` for a plain torch function ``fn(x) -> logits`` written with
+    ``torch.matmul``/``*``/``F.softmax``/``F.layer_norm`` (the products and softmax follow
+    the rules above; use :func:`identity` for elementwise non-linearities)."""
+    xt = torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True)
+    with _Rules(cp):
+        logits = fn(xt)
+    scores = logits if position is None else logits[:, position]
+    scores = scores.reshape(scores.shape[0], -1)
+    chosen = scores.argmax(1) if target is None else torch.as_tensor(np.array(np.broadcast_to(target, (len(scores),))))
+    # the output relevance R = z ⊙ g: g is the one-hot (R = logit) or one-hot / logit (R = 1)
+    seed = torch.zeros_like(scores)
+    seed[torch.arange(len(scores)), chosen] = 1.0
+    if normalize:
+        seed = seed / scores.detach()
+    (scores * seed).sum().backward()
+    return (xt * xt.grad).detach().numpy()
+
+
+def identity(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` with the identity rule's backward (``g · f(x) / x``)."""
+    out = _Identity.apply(x, fn(x.detach()))
+    out._lrp_gate = True
+    return out
+
+
 def relevance(model: torch.nn.Module, forward, x: np.ndarray, target=None, position=None, cp: bool = False,
               normalize: bool = False) -> np.ndarray:
     """Relevance at ``x`` for ``forward(model, x_tensor) -> logits``.
@@ -155,19 +182,8 @@ def relevance(model: torch.nn.Module, forward, x: np.ndarray, target=None, posit
         p.requires_grad_(False)
     hooks = [m.register_forward_hook(_identity_hook) for m in model.modules() if _is_activation(m)]
     try:
-        xt = torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True)
-        with _Rules(cp):
-            logits = forward(model, xt)
-        scores = logits if position is None else logits[:, position]
-        scores = scores.reshape(scores.shape[0], -1)
-        chosen = scores.argmax(1) if target is None else torch.as_tensor(np.broadcast_to(target, (len(scores),)))
-        # the output relevance R = z ⊙ g: g is the one-hot (R = logit) or one-hot / logit (R = 1)
-        seed = torch.zeros_like(scores)
-        seed[torch.arange(len(scores)), chosen] = 1.0
-        if normalize:
-            seed = seed / scores.detach()
-        (scores * seed).sum().backward()
-        return (xt * xt.grad).detach().numpy()
+        return gradient_relevance(lambda xt: forward(model, xt), x, target, cp=cp, normalize=normalize,
+                                  position=position)
     finally:
         for h in hooks:
             h.remove()

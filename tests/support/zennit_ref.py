@@ -40,10 +40,11 @@ from . import zoo
 PRESETS = ('EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'EpsilonGammaBox')
 
 
-def _install_torchvision_stub() -> None:
-    """Register an empty ``torchvision`` package (Zennit imports it, the real one does not import here)."""
+def _install_torchvision_stub() -> dict:
+    """Register an empty ``torchvision`` package (Zennit imports it, the real one does not import here);
+    returns the stub modules (empty when a torchvision is already imported)."""
     if 'torchvision' in sys.modules:
-        return
+        return {}
     modules = {}
     for name in ('torchvision', 'torchvision.models', 'torchvision.models.resnet'):
         module = types.ModuleType(name)
@@ -56,18 +57,34 @@ def _install_torchvision_stub() -> None:
     modules['torchvision'].models = modules['torchvision.models']
     modules['torchvision.models'].resnet = resnet
     sys.modules.update(modules)
+    return modules
 
 
 def import_zennit():
-    """Import and return the ``zennit`` package, stubbing ``torchvision`` first if needed."""
-    _install_torchvision_stub()
-    import zennit
-    import zennit.attribution
-    import zennit.composites
-    import zennit.core
-    import zennit.layer
-    import zennit.rules
-    import zennit.types
+    """Import and return the ``zennit`` package, with a ``torchvision`` stub during the import only.
+
+    The stub leaves ``sys.modules`` afterwards: Zennit keeps the classes it imported, and other
+    packages (transformers) must not mistake the stub for an installed torchvision.
+    """
+    try:
+        import torchvision  # noqa: F401
+        stub = {}
+    except Exception:  # absent, or the CUDA build that fails beside the CPU torch
+        for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
+            del sys.modules[name]
+        stub = _install_torchvision_stub()
+    try:
+        import zennit
+        import zennit.attribution
+        import zennit.composites
+        import zennit.core
+        import zennit.layer
+        import zennit.rules
+        import zennit.types
+    finally:
+        for name, module in stub.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
     return zennit
 
 

@@ -1,0 +1,239 @@
+"""Transformers: AttnLRP and CP-LRP on ONNX exports of BERT, ViT, GPT-2 and a LLaMA-style LM.
+
+Every model × exporter (legacy at opset 17, dynamo at 18) × attention implementation
+(eager, sdpa) × preset compiles; the compiled file's outputs equal the original's and its
+relevance equals an independent torch reference (``support.attnlrp_ref``: Gradient ×
+Input with AttnLRP's / CP-LRP's modified backward passes, float64) at ε = 1e-9 without
+output normalization. Token models are explained at their embedding output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import lrpc
+from support import attnlrp_ref, transformer_zoo as tz
+
+EPSILON = 1e-9
+TOLERANCE = 1e-4  # max|ΔR| / max|R|
+PRESETS = {"AttnLRP": False, "CPLRP": True}  # preset -> holds gates constant (CP-LRP)
+
+
+def _session(model_bytes: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _explained_tensor(name: str, ex: tz.Example, model: torch.nn.Module) -> np.ndarray:
+    return ex.pixels if ex.pixels is not None else tz.embed(model, ex.ids)
+
+
+def _check_against_reference(name, attn, exporter, preset, opset=None, embeds=False, position=None, target=None):
+    data = tz.export_bytes(name, attn, exporter, opset=opset, embeds=embeds)
+    composite = getattr(lrpc, preset)(epsilon=EPSILON)
+    compiled = lrpc.compile(onnx.load_from_string(data), composite, normalize_output_relevance=False,
+                            verbose=False, position=position)
+    assert all(n.domain in ("", "ai.onnx") for n in compiled.graph.node)
+    torch_model = tz.build(name, attn)
+    ex = tz.example(name, 3)
+    x = _explained_tensor(name, ex, torch_model)
+    feeds = ex.feeds(x if embeds else None)
+    if target is not None:
+        feeds["lrp_target"] = np.asarray(target, dtype=np.int64)
+    logits, relevance = _session(compiled.SerializeToString()).run(["logits", "relevance"], feeds)
+    original = _session(data).run(["logits"], {k: v for k, v in feeds.items() if k != "lrp_target"})[0]
+    assert _relative(logits, original) < 1e-5
+    assert relevance.shape == x.shape
+    if tz.is_causal_lm(name):
+        position = -1 if position is None else position
+    expected = attnlrp_ref.relevance(torch_model, tz.logits_fn(name, ex.mask), x, target=target, position=position,
+                                     cp=PRESETS[preset])
+    error = _relative(relevance, expected)
+    assert error < TOLERANCE, f"max|ΔR|/max|R| = {error:.2e}"
+    return relevance, expected
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("attn", tz.ATTENTIONS)
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("name", tz.NAMES)
+def test_relevance_equals_the_reference(name, exporter, attn, preset):
+    _check_against_reference(name, attn, exporter, preset)
+
+
+@pytest.mark.parametrize("name, exporter, opset", [
+    ("bert", "legacy", 14),   # LayerNorm written out as ReduceMean/Sub/Pow/.../Div
+    ("vit", "dynamo", 20),    # GELU as one Gelu op
+    ("llama", "dynamo", 20),
+])
+def test_other_opsets(name, exporter, opset):
+    model = onnx.load_from_string(tz.export_bytes(name, "eager", exporter, opset=opset))
+    ops = {n.op_type for n in model.graph.node}
+    if opset == 14:
+        assert "LayerNormalization" not in ops and "ReduceMean" in ops
+    if name == "vit" and opset == 20:
+        assert "Gelu" in ops
+    for preset in PRESETS:
+        _check_against_reference(name, "eager", exporter, preset, opset=opset)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_bert_explained_from_inputs_embeds(exporter):
+    """A float ``inputs_embeds`` input: relevance has the input's shape."""
+    relevance, _ = _check_against_reference("bert", "eager", exporter, "AttnLRP", embeds=True)
+    assert relevance.shape == (3, tz.SEQUENCE, tz.HIDDEN)
+
+
+def test_token_relevance_is_reported_at_the_embedding():
+    data = tz.export_bytes("bert", "sdpa", "dynamo")
+    analyzer = lrpc.LRP(onnx.load_from_string(data), lrpc.AttnLRP(), verbose=False)
+    meta = {p.key: p.value for p in analyzer.model.metadata_props}
+    assert meta["lrpc.input"] == "input" and meta["lrpc.explained"] != "input"
+    ex = tz.example("bert", 3)
+    expl = analyzer.analyze(ex.ids, extra_inputs={"mask": ex.mask})
+    assert expl.val.shape == (3, tz.SEQUENCE, tz.HIDDEN) and analyzer.explains_tokens
+    # the padded positions of the last sample attend nowhere, yet nothing is NaN
+    assert np.isfinite(expl.val).all()
+    # a mask left out is taken as all ones, like the model's own default
+    ones = analyzer.analyze(ex.ids[:2])
+    np.testing.assert_allclose(ones.val, expl.val[:2], rtol=1e-5, atol=1e-7)
+
+
+def test_language_model_position_and_target():
+    """GPT-2 explained at position 3 for a chosen vocabulary entry, both compile-time and
+    run-time choices against the reference."""
+    _check_against_reference("gpt2", "eager", "legacy", "AttnLRP", position=3, target=[5, 7, 11])
+    _check_against_reference("llama", "sdpa", "dynamo", "CPLRP", position=-2, target=[1, 2, 3])
+    with pytest.raises(lrpc.LrpcError, match="position 9 is out of range|sequence outputs"):
+        lrpc.compile(onnx.load_from_string(tz.export_bytes("bert", "eager", "legacy")), lrpc.AttnLRP(), position=9)
+
+
+def test_cp_lrp_sends_nothing_through_queries_and_keys():
+    """Under CP-LRP the softmax branch gets no relevance: the Q·Kᵀ MatMul and the softmax
+    are layers with rules, but the compiled file propagates nothing through them."""
+    model = onnx.load_from_string(tz.export_bytes("bert", "eager", "legacy"))
+    rules = {layer.name: rule for layer, rule in lrpc.lrp_rules(model, lrpc.CPLRP())}
+    assert repr(rules["/model/bert/encoder/layer.0/attention/self/MatMul"]) == "ConstantGateRule(epsilon=1e-06)"
+    assert repr(rules["/model/bert/encoder/layer.0/attention/self/Softmax"]) == "TaylorRule()"
+    compiled = lrpc.compile(model, lrpc.CPLRP())
+    backward = [n for n in compiled.graph.node if n.name.startswith("lrp/")]
+    cp_softmax_terms = [n for n in backward if any("Softmax" in i for i in n.input)]
+    attn = lrpc.compile(model, lrpc.AttnLRP())
+    attn_softmax_terms = [n for n in attn.graph.node if n.name.startswith("lrp/") and any("Softmax" in i for i in n.input)]
+    assert not [n for n in cp_softmax_terms if n.op_type == "Equal"]  # TaylorRule's mask: never emitted
+    assert [n for n in attn_softmax_terms if n.op_type == "Equal"]
+
+
+def test_inspect_shows_the_transformer_rules(cli, tmp_path):
+    path = tmp_path / "llama.onnx"
+    path.write_bytes(tz.export_bytes("llama", "eager", "legacy"))
+    result = cli("inspect", path, "--composite", "AttnLRP(epsilon=1e-9)")
+    assert result.code == 0, result.err
+    for text in ("RMSNormalization", "LayerNormRule(epsilon=1e-09)", "TaylorRule()", "Softmax",
+                 "EpsilonRule(epsilon=1e-09)"):
+        assert text in result.out
+    result = cli("inspect", path, "--composite", "CPLRP")
+    assert "ConstantGateRule(epsilon=1e-06)" in result.out
+
+
+def test_explain_writes_text_heatmaps_for_token_models(cli, tmp_path):
+    model = tmp_path / "bert.onnx"
+    model.write_bytes(tz.export_bytes("bert", "eager", "legacy"))
+    ex = tz.example("bert", 3)
+    np.save(tmp_path / "ids.npy", ex.ids)
+    np.save(tmp_path / "mask.npy", ex.mask)
+    tokens = [[f"tok{i}" for i in row] for row in ex.ids]
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens))
+    out = tmp_path / "out"
+    result = cli("explain", model, tmp_path / "ids.npy", "-o", out, "--composite", "AttnLRP",
+                 "--feed", f"mask={tmp_path / 'mask.npy'}", "--tokens", tmp_path / "tokens.json")
+    assert result.code == 0, result.err
+    pages = sorted(p.name for p in out.glob("text_*.html"))
+    assert pages == ["text_000.html", "text_001.html", "text_002.html"]
+    page = (out / "text_002.html").read_text()
+    assert all(f">{token}</span>" in page for token in tokens[2])
+    saved = np.load(out / "relevance.npz")
+    assert saved["relevance"].shape == (3, tz.SEQUENCE, tz.HIDDEN)
+    np.testing.assert_allclose(saved["token_relevance"], saved["relevance"].sum(-1), rtol=1e-6)
+    # the same relevance as the Python API with the same mask
+    expl = lrpc.LRP(str(model), lrpc.AttnLRP(), verbose=False).analyze(ex.ids, extra_inputs={"mask": ex.mask})
+    np.testing.assert_allclose(saved["relevance"], expl.val, rtol=1e-5, atol=1e-7)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["heatmap"] for s in summary] == pages
+    assert "tok" in result.out  # the terminal shows the tokens
+
+
+def test_explain_token_errors_are_one_line(cli, tmp_path):
+    model = tmp_path / "bert.onnx"
+    model.write_bytes(tz.export_bytes("bert", "eager", "legacy"))
+    np.save(tmp_path / "ids.npy", tz.example("bert", 2).ids)
+    (tmp_path / "short.json").write_text(json.dumps(["a", "b"]))
+    for extra, message in ((["--tokens", tmp_path / "short.json"], "--tokens"),
+                           (["--feed", "nope=x.npy"], "--feed nope"),
+                           (["--feed", "mask"], "NAME=FILE.npy"),
+                           (["--tokenizer", tmp_path / "missing.json"], "--tokenizer")):
+        result = cli("explain", model, tmp_path / "ids.npy", "-o", tmp_path / "out", *extra)
+        assert result.code == 2 and message in result.err and len(result.err_lines) == 1, result.err
+
+
+def test_explain_with_a_tokenizer_file(cli, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{i}": i for i in range(tz.VOCAB)}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
+    model = tmp_path / "gpt2.onnx"
+    model.write_bytes(tz.export_bytes("gpt2", "eager", "legacy"))
+    ids = tz.example("gpt2", 2).ids
+    np.save(tmp_path / "ids.npy", ids)
+    result = cli("explain", model, tmp_path / "ids.npy", "-o", tmp_path / "out", "--composite", "AttnLRP",
+                 "--tokenizer", tmp_path)
+    assert result.code == 0, result.err
+    page = (tmp_path / "out" / "text_001.html").read_text()
+    assert all(f">w{i}</span>" in page for i in ids[1])
+
+
+def test_vit_gets_an_image_heatmap(cli, tmp_path):
+    model = tmp_path / "vit.onnx"
+    model.write_bytes(tz.export_bytes("vit", "sdpa", "dynamo"))
+    np.save(tmp_path / "pixels.npy", tz.example("vit", 2).pixels)
+    result = cli("explain", model, tmp_path / "pixels.npy", "-o", tmp_path / "out", "--composite", "AttnLRP")
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["heatmap_000.png", "heatmap_001.png"]
+
+
+def test_a_recurrent_layer_is_named_in_the_check_table(cli, tmp_path):
+    """An LSTM (and another unsupported op) are refused in one table naming each."""
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(4, 8, batch_first=True)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h, _ = self.lstm(x)
+            return self.head(h[:, -1].cumsum(-1))
+
+    from support.export import _quiet
+
+    path = tmp_path / "lstm.onnx"
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(Recurrent().eval(), (torch.randn(2, 5, 4),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["logits"])
+    result = cli("check", path)
+    assert result.code == 2
+    rows = [line for line in result.out.splitlines() if "│" in line and ("LSTM" in line or "CumSum" in line)]
+    assert any("LSTM" in r and "recurrent layers (LSTM, GRU, RNN) are not supported" in r for r in rows), result.out
+    assert any("CumSum" in r and "unknown layer type" in r for r in rows), result.out
+    assert len(result.err_lines) == 1 and "2 unsupported" in result.err

@@ -8,6 +8,7 @@ from .errors import (  # noqa: E402
     InputError,
     LrpcError,
     ModelLoadError,
+    ParameterError,
     TargetError,
     UnsupportedModelError,
 )

@@ -296,7 +296,7 @@ def _prediction(analyzer, output: np.ndarray) -> int:
 
 def _write_explanations(outdir: Path, analyzer, samples, files, names, relevance, output, target) -> list[dict]:
     """Heatmaps (PNG, or HTML for text), relevance.npz and summary.json, each written atomically."""
-    from .graph import atomic_path
+    from .files import atomic_path
 
     outdir.mkdir(parents=True, exist_ok=True)
     summary = []

@@ -16,7 +16,8 @@ from .check import CheckReport, check_layers, raise_if_unsupported
 from .composites import Composite, EpsilonPlusFlat
 from .emit import TARGET_NAME, ConceptSpec, emit_relevance
 from .errors import LrpcError
-from .graph import Program, load_model, save_model
+from .files import check, load_model, save_model
+from .graph import Program
 from .layers import LayerTable, find_layers
 from .passes import canonize
 from .spec import Layer
@@ -173,11 +174,9 @@ def emit_model(
         entry = out.metadata_props.add()
         entry.key, entry.value = key, value
     try:
-        onnx.checker.check_model(out, full_check=True)
-    except onnx.checker.ValidationError as exc:  # a bug in lrpc, not in the user's model
-        raise LrpcError(
-            f"internal error: the compiled model fails the ONNX checker: {str(exc).splitlines()[0]}"
-        ) from None
+        check(out, "compiled model", full=True)
+    except LrpcError as exc:  # a bug in lrpc, not in the user's model
+        raise LrpcError(f"internal error: the compiled model fails the ONNX checker: {exc}") from None
     return out
 
 

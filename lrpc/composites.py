@@ -8,11 +8,15 @@ below; ``LayerMap`` also takes a node name or a glob on node names
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from .errors import IncompatibleRuleError
+import onnx
+
+from . import validate
+from .errors import IncompatibleRuleError, ParameterError
 from .spec import Layer
 from .rules import (
     AlphaBetaRule,
@@ -70,28 +74,49 @@ GROUPS = {g.name: g for g in (ConvLayer, DenseLayer, PoolingLayer, DropoutLayer,
 def _key_matches(key, layer: Layer) -> bool:
     if isinstance(key, LayerGroup):
         return key.matches(layer)
-    if isinstance(key, str):
-        return layer.op_type == key
-    raise TypeError(f"type-map key must be an op type string or a layer group, got {key!r}")
+    return layer.op_type == key
+
+
+def known_op_type(name: str) -> bool:
+    """An ONNX op, a registered one, or a pattern lrpc fuses (SiLU, RMSNormalization)."""
+    from .registry import REGISTRY
+
+    return name in REGISTRY or onnx.defs.has(name)
+
+
+def _type_key(key):
+    if isinstance(key, LayerGroup):
+        return key
+    if not isinstance(key, str):
+        raise ParameterError(f"a type-map key must be an op type name or a layer group, got {key!r}")
+    if key in GROUPS:
+        return GROUPS[key]
+    if not known_op_type(key):
+        close = difflib.get_close_matches(key, [*GROUPS, *_op_names()], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ParameterError(f"{key!r} is neither an ONNX op type nor a layer group{hint}")
+    return key
+
+
+def _op_names() -> list[str]:
+    from .registry import REGISTRY
+
+    return sorted({*REGISTRY, *(schema.name for schema in onnx.defs.get_all_schemas())})
 
 
 def _type_map(mapping, by_type: dict | None = None) -> list[tuple[object, Rule]]:
     """Pairs from a dict (or pairs) plus keywords: ``GlobalTypeMap(LayerNormalization=LayerNormRule())``;
-    a keyword that names a layer group means the group."""
+    a name that is a layer group means the group; other names must be op types."""
+    if mapping is not None and not isinstance(mapping, (Mapping, list, tuple)):
+        raise ParameterError(f"a type map must be a dict of op type -> rule, got {mapping!r}")
     pairs = [] if mapping is None else list(mapping.items()) if isinstance(mapping, Mapping) else list(mapping)
-    pairs += [(GROUPS.get(key, key), rule) for key, rule in (by_type or {}).items()]
+    pairs += list((by_type or {}).items())
+    checked = []
     for key, rule in pairs:
         if not isinstance(rule, Rule):
-            raise TypeError(f"type map value for {key!r} must be a rule, got {rule!r}")
-        _key_matches(key, _PROBE)  # validates the key type early
-    return pairs
-
-
-class _Probe:
-    op_type = ""
-
-
-_PROBE = _Probe()
+            raise ParameterError(f"type map value for {key!r} must be a rule, got {rule!r}")
+        checked.append((_type_key(key), rule))
+    return checked
 
 
 def _rule_for(pairs, layer: Layer) -> Rule | None:
@@ -103,22 +128,41 @@ def _rule_for(pairs, layer: Layer) -> Rule | None:
 
 def _check_rule(rule) -> Rule:
     if not isinstance(rule, Rule):
-        raise TypeError(f"expected a rule, got {rule!r}")
+        raise ParameterError(f"expected a rule, got {rule!r}")
     return rule
 
 
-def _as_range(r, n: int) -> range:
-    if isinstance(r, range):
+def _check_range(r):
+    """``range(a, b[, step])`` or ``(a, b)``: whole numbers, 0 <= a <= b, step >= 1; a slice as is."""
+    if isinstance(r, slice):
         return r
+    if isinstance(r, range):
+        start, stop, step = r.start, r.stop, r.step
+    elif isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 2:
+        start, stop, step = r[0], r[1], 1
+    else:
+        raise ParameterError(f"a range must be range(a, b), a slice or (start, stop), got {r!r}")
+    start = validate.integer("range start", start, minimum=0)
+    stop = validate.integer("range stop", stop, minimum=start)
+    step = validate.integer("range step", step, minimum=1)
+    return range(start, stop, step)
+
+
+def _as_range(r, n: int) -> range:
+    """The layer indices of ``r`` below ``n``, without walking a huge range."""
     if isinstance(r, slice):
         return range(n)[r]
-    if isinstance(r, Sequence) and len(r) == 2:
-        return range(int(r[0]), int(r[1]))
-    raise TypeError(f"a range must be range(a, b), a slice or (start, stop), got {r!r}")
+    return range(r.start, min(r.stop, n) if r.start < n else r.start, r.step)
 
 
 class Primitive:
-    """Assigns rules to some layers; ``apply`` writes into ``rules`` (index -> rule)."""
+    """Assigns rules to some layers; ``apply`` writes into ``rules`` (index -> rule).
+
+    ``strict`` (set for primitives a user wrote in an expression or rules file, not for
+    those inside presets): matching no layer is an error rather than a silent no-op.
+    """
+
+    strict = False
 
     def apply(self, layers: list[Layer], rules: list[Rule]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -138,6 +182,10 @@ class LayerMap(Primitive):
         self.index, self.rule = index, _check_rule(rule)
         if isinstance(index, list):
             self.index = tuple(index)
+        if isinstance(self.index, tuple):
+            self.index = tuple(validate.integer("LayerMap: hierarchical index", i, minimum=0) for i in self.index)
+        elif not isinstance(self.index, str):
+            self.index = validate.integer("LayerMap: index", index, minimum=0)
 
     def selects(self, layer: Layer) -> bool:
         if isinstance(self.index, int):
@@ -180,12 +228,15 @@ class RangeMap(Primitive):
     """One rule for the layers in a positional range (``range(2, 5)`` or ``(2, 5)``)."""
 
     def __init__(self, range_, rule: Rule):
-        self.range, self.rule = range_, _check_rule(rule)
+        self.range, self.rule = _check_range(range_), _check_rule(rule)
 
     def apply(self, layers, rules):
-        for i in _as_range(self.range, len(layers)):
-            if 0 <= i < len(layers):
-                rules[i] = self.rule
+        hits = _as_range(self.range, len(layers))
+        if not hits:
+            raise IncompatibleRuleError(f"RangeMap({self.range!r}, ...) matches no layer; the model has "
+                                        f"{len(layers)} layers (0..{len(layers) - 1}; see `lrpc inspect`)")
+        for i in hits:
+            rules[i] = self.rule
 
     def _args(self):
         return (self.range, self.rule)
@@ -198,9 +249,15 @@ class FirstLayerMap(Primitive):
         self.rule = _check_rule(rule)
 
     def apply(self, layers, rules):
-        for layer in layers:
-            if layer.is_first:
-                rules[layer.index] = self.rule
+        hits = [layer for layer in layers if self._picks(layer)]
+        if self.strict and not hits:
+            raise IncompatibleRuleError(f"{type(self).__name__}: the model has no layer with parameters")
+        for layer in hits:
+            rules[layer.index] = self.rule
+
+    @staticmethod
+    def _picks(layer) -> bool:
+        return layer.is_first
 
     def _args(self):
         return (self.rule,)
@@ -209,10 +266,9 @@ class FirstLayerMap(Primitive):
 class LastLayerMap(FirstLayerMap):
     """Rule for the last layer with parameters."""
 
-    def apply(self, layers, rules):
-        for layer in layers:
-            if layer.is_last:
-                rules[layer.index] = self.rule
+    @staticmethod
+    def _picks(layer) -> bool:
+        return layer.is_last
 
 
 class GlobalTypeMap(Primitive):
@@ -225,10 +281,17 @@ class GlobalTypeMap(Primitive):
         return layers
 
     def apply(self, layers, rules):
-        for layer in self._selected(layers):
+        selected = self._selected(layers)
+        for layer in selected:
             rule = _rule_for(self.map, layer)
             if rule is not None:
                 rules[layer.index] = rule
+        if self.strict:
+            for key, _ in self.map:
+                if not any(_key_matches(key, layer) for layer in selected):
+                    present = sorted({layer.op_type for layer in selected})
+                    raise IncompatibleRuleError(f"{type(self).__name__}: {key!r} matches no layer (the layer types "
+                                                f"here: {', '.join(present) or 'none'})")
 
     def _args(self):
         return ({k: v for k, v in self.map},)
@@ -239,10 +302,14 @@ class RangeTypeMap(GlobalTypeMap):
 
     def __init__(self, range_, mapping=None, /, **by_type):
         super().__init__(mapping, **by_type)
-        self.range = range_
+        self.range = _check_range(range_)
 
     def _selected(self, layers):
-        return [layers[i] for i in _as_range(self.range, len(layers)) if 0 <= i < len(layers)]
+        hits = _as_range(self.range, len(layers))
+        if not hits:
+            raise IncompatibleRuleError(f"RangeTypeMap({self.range!r}, ...) matches no layer; the model has "
+                                        f"{len(layers)} layers (0..{len(layers) - 1}; see `lrpc inspect`)")
+        return [layers[i] for i in hits]
 
     def _args(self):
         return (self.range, {k: v for k, v in self.map})
@@ -267,7 +334,7 @@ class FirstNTypeMap(GlobalTypeMap):
 
     def __init__(self, n: int, mapping=None, /, **by_type):
         super().__init__(mapping, **by_type)
-        self.n = int(n)
+        self.n = validate.integer("FirstNTypeMap: n", n, minimum=0)
 
     def _selected(self, layers):
         return layers[: self.n]
@@ -285,11 +352,13 @@ class Composite:
     def __init__(self, *items, default: Rule | None = None, name: str | None = None):
         if items and isinstance(items[0], Rule):
             if default is not None:
-                raise TypeError("Composite: default rule given twice")
+                raise ParameterError("Composite: default rule given twice")
             default, items = items[0], items[1:]
+        if default is not None:
+            _check_rule(default)
         for p in items:
             if not isinstance(p, Primitive):
-                raise TypeError(f"Composite takes rule-assignment primitives, got {p!r}")
+                raise ParameterError(f"Composite takes rule-assignment primitives, got {p!r}")
         self.primitives = list(items)
         self.default = default if default is not None else ZeroRule()
         self.name = name

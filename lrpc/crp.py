@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .errors import LrpcError
+from . import validate
+from .errors import LrpcError, ParameterError
 from .graph import static_shape
 from .symbolic import Emitter, Sym
 
@@ -41,8 +42,7 @@ class TopNFeatures(Features):
     n: int
 
     def __post_init__(self):
-        if int(self.n) < 1:
-            raise ValueError(f"TopNFeatures needs n >= 1, got {self.n}")
+        object.__setattr__(self, "n", validate.integer("TopNFeatures: n", self.n, minimum=1))
 
     def count(self) -> int:
         return int(self.n)
@@ -71,9 +71,10 @@ class IndexedFeatures(Features):
     indices: tuple
 
     def __init__(self, *indices):
-        flat = tuple(int(i) for i in (indices[0] if len(indices) == 1 and not np.isscalar(indices[0]) else indices))
+        given = indices[0] if len(indices) == 1 and not np.isscalar(indices[0]) else indices
+        flat = tuple(validate.integer("IndexedFeatures: index", i, minimum=0) for i in given)
         if not flat:
-            raise ValueError("IndexedFeatures needs at least one index")
+            raise ParameterError("IndexedFeatures needs at least one index")
         object.__setattr__(self, "indices", flat)
 
     def count(self) -> int:
@@ -106,7 +107,7 @@ def parse_features(text: str) -> Features:
         if text.startswith("top:"):
             return TopNFeatures(int(text[4:]))
         return IndexedFeatures(*[int(part) for part in text.split(",") if part.strip()])
-    except ValueError:
+    except (ValueError, ParameterError):
         raise LrpcError(f"--features must be 'top:N' or comma-separated indices such as 1,2,10, got {text!r}") from None
 
 

@@ -34,6 +34,11 @@ class CompositeSyntaxError(LrpcError):
     """A composite expression or rules file could not be parsed."""
 
 
+class ParameterError(LrpcError, ValueError, TypeError):
+    """A rule, composite primitive or feature selection got a parameter it cannot use
+    (not finite, wrong sign, wrong order, not an integer, ...); the message names it."""
+
+
 class TargetError(LrpcError, ValueError):
     """An explanation target (``output_selection`` / ``lrp_target``) is out of range."""
 

@@ -13,15 +13,21 @@ group keys). Nothing is ever evaluated as Python.
 from __future__ import annotations
 
 import ast
+import math
 import tomllib
 from pathlib import Path
 
-from .composites import GROUPS, PRESETS, PRIMITIVES, Composite, GlobalMap, LayerMap, RangeMap
+from .composites import GROUPS, PRESETS, PRIMITIVES, Composite, GlobalMap, LayerMap, Primitive, RangeMap
 from .composites import FirstLayerMap, LastLayerMap, GlobalTypeMap
-from .errors import CompositeSyntaxError
+from .errors import CompositeSyntaxError, LrpcError
 from .rules import RULES, Rule
 
 CALLABLES = {**PRESETS, **PRIMITIVES, **RULES, "Composite": Composite, "range": range}
+
+#: bounds checked before parsing: an expression is a few lines, never megabytes deep
+MAX_LENGTH = 20_000
+MAX_DEPTH = 64
+MAX_INTEGER = 2**63
 
 
 def parse_composite(text: str) -> Composite:
@@ -52,18 +58,52 @@ def _text(value, where: str) -> str:
 
 
 def _parse(text: str):
+    if not isinstance(text, str):
+        raise CompositeSyntaxError(f"a composite expression must be a string, got {type(text).__name__}")
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    if len(text) > MAX_LENGTH:
+        raise CompositeSyntaxError(f"composite expression too long ({len(text)} characters, at most {MAX_LENGTH})")
+    if _nesting(text) > MAX_DEPTH:
+        raise CompositeSyntaxError(f"composite expression nested too deeply (more than {MAX_DEPTH} levels): {shown!r}")
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
-        raise CompositeSyntaxError(f"malformed composite expression {text!r}: {exc.msg}") from None
-    return _value(tree.body, text)
+        raise CompositeSyntaxError(f"malformed composite expression {shown!r}: {exc.msg}") from None
+    except (RecursionError, MemoryError, ValueError):
+        raise CompositeSyntaxError(f"composite expression too complex to parse: {shown!r}") from None
+    try:
+        return _value(tree.body, shown)
+    except RecursionError:
+        raise CompositeSyntaxError(f"composite expression nested too deeply: {shown!r}") from None
+
+
+def _nesting(text: str) -> int:
+    """Deepest bracket nesting, and runs of unary signs (``- - - 1`` nests as deeply)."""
+    depth = deepest = signs = 0
+    for char in text:
+        if char in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in ")]}":
+            depth -= 1
+        if char in "+-~":
+            signs += 1
+            deepest = max(deepest, depth + signs)
+        elif not char.isspace():
+            signs = 0
+    return deepest
 
 
 def _value(node: ast.AST, text: str):
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool)) or (
         isinstance(node, ast.Constant) and node.value is None
     ):
-        return node.value
+        value = node.value
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= MAX_INTEGER:
+            raise CompositeSyntaxError(f"the number {str(value)[:20]}... is too large in {text!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CompositeSyntaxError(f"numbers must be finite (got {value}) in {text!r}")
+        return value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         operand = _value(node.operand, text)
         if not isinstance(operand, (int, float)):
@@ -73,7 +113,18 @@ def _value(node: ast.AST, text: str):
         items = [_value(e, text) for e in node.elts]
         return items if isinstance(node, ast.List) else tuple(items)
     if isinstance(node, ast.Dict):
-        return {_value(k, text): _value(v, text) for k, v in zip(node.keys, node.values)}
+        if any(k is None for k in node.keys):
+            raise CompositeSyntaxError(f"**mappings are not allowed in {text!r}")
+        result = {}
+        for k, v in zip(node.keys, node.values):
+            key = _value(k, text)
+            try:
+                if key in result:
+                    raise CompositeSyntaxError(f"the key {key!r} is given twice in {text!r}")
+            except TypeError:
+                raise CompositeSyntaxError(f"{key!r} cannot be a dict key in {text!r}") from None
+            result[key] = _value(v, text)
+        return result
     if isinstance(node, ast.Name):
         if node.id in GROUPS:
             return GROUPS[node.id]
@@ -90,15 +141,18 @@ def _value(node: ast.AST, text: str):
             if kw.arg is None:
                 raise CompositeSyntaxError(f"**kwargs are not allowed in {text!r}")
             kwargs[kw.arg] = _value(kw.value, text)
-        return _call(func, args, kwargs, text)
+        value = _call(func, args, kwargs, text)
+        return _strict(value) if isinstance(value, Primitive) else value
     raise CompositeSyntaxError(f"unsupported syntax {ast.unparse(node)!r} in {text!r}")
 
 
 def _call(func, args, kwargs, text):
+    name = getattr(func, "__name__", str(func))
     try:
         return func(*args, **kwargs)
-    except (TypeError, ValueError) as exc:
-        name = getattr(func, "__name__", str(func))
+    except LrpcError as exc:
+        raise CompositeSyntaxError(f"{exc} (in {text!r})") from None
+    except (TypeError, ValueError, OverflowError) as exc:
         raise CompositeSyntaxError(f"{name}: {exc} (in {text!r})") from None
 
 
@@ -123,7 +177,7 @@ def load_rules_file(path) -> Composite:
         raise CompositeSyntaxError(f"{path}: not a valid TOML rules file ({exc})") from None
     unknown = set(data) - {"composite", "rule", "default"}
     if unknown:
-        raise CompositeSyntaxError(f"{path}: unknown keys {sorted(unknown)}")
+        raise CompositeSyntaxError(f"{path}: unknown keys {sorted(unknown)} (allowed: composite, default, [[rule]])")
     entries = data.get("rule", [])
     if not isinstance(entries, list):
         raise CompositeSyntaxError(f"{path}: 'rule' must be a list of [[rule]] tables")
@@ -131,27 +185,55 @@ def load_rules_file(path) -> Composite:
     primitives = list(base.primitives)
     for i, entry in enumerate(entries):
         where = f"{path}: [[rule]] #{i + 1}"
-        if not isinstance(entry, dict) or "rule" not in entry:
-            raise CompositeSyntaxError(f"{where}: needs a 'rule' key")
-        rule = parse_rule(_text(entry["rule"], f"{where}: rule"))
-        selectors = [k for k in ("layers", "type", "range", "first", "last") if k in entry]
-        if len(selectors) > 1:
-            raise CompositeSyntaxError(f"{where}: give one of layers/type/range/first/last, not {selectors}")
-        if not selectors:
-            primitives.append(GlobalMap(rule))
-        elif "layers" in entry:
-            primitives.append(LayerMap(entry["layers"], rule))
-        elif "type" in entry:
-            key = GROUPS.get(entry["type"], entry["type"])
-            primitives.append(GlobalTypeMap({key: rule}))
-        elif "range" in entry:
-            r = entry["range"]
-            if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)):
-                raise CompositeSyntaxError(f"{where}: range must be [start, stop]")
-            primitives.append(RangeMap(tuple(r), rule))
-        elif entry.get("first"):
-            primitives.append(FirstLayerMap(rule))
-        elif entry.get("last"):
-            primitives.append(LastLayerMap(rule))
+        try:
+            primitives.append(_rule_entry(entry, where))
+        except LrpcError as exc:
+            if isinstance(exc, CompositeSyntaxError):
+                raise
+            raise CompositeSyntaxError(f"{where}: {exc}") from None
     default = parse_rule(_text(data["default"], f"{path}: default")) if "default" in data else base.default
     return Composite(*primitives, default=default, name=None)
+
+
+_SELECTORS = ("layers", "type", "range", "first", "last")
+
+
+def _rule_entry(entry, where: str):
+    """One ``[[rule]]`` table as a primitive. Every key is checked: a typo must not turn a
+    rule for one layer into a rule for all of them."""
+    if not isinstance(entry, dict) or "rule" not in entry:
+        raise CompositeSyntaxError(f"{where}: needs a 'rule' key")
+    unknown = set(entry) - {"rule", *_SELECTORS}
+    if unknown:
+        raise CompositeSyntaxError(f"{where}: unknown keys {sorted(unknown)} (allowed: rule, {', '.join(_SELECTORS)})")
+    rule = parse_rule(_text(entry["rule"], f"{where}: rule"))
+    selectors = [k for k in _SELECTORS if k in entry]
+    if len(selectors) > 1:
+        raise CompositeSyntaxError(f"{where}: give one of layers/type/range/first/last, not {selectors}")
+    if not selectors:
+        return GlobalMap(rule)
+    key = selectors[0]
+    value = entry[key]
+    if key == "layers":
+        if isinstance(value, bool) or not (isinstance(value, (int, str)) or
+                                           (isinstance(value, list) and all(isinstance(v, int) for v in value))):
+            raise CompositeSyntaxError(f"{where}: layers must be an index, a [hierarchical, index], a node name or "
+                                       f"a glob, got {value!r}")
+        return LayerMap(value, rule)
+    if key == "type":
+        if not isinstance(value, str):
+            raise CompositeSyntaxError(f"{where}: type must be an op type or layer group name, got {value!r}")
+        return _strict(GlobalTypeMap({value: rule}))
+    if key == "range":
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+            raise CompositeSyntaxError(f"{where}: range must be [start, stop], got {value!r}")
+        return RangeMap(tuple(value), rule)
+    if value is not True:
+        raise CompositeSyntaxError(f"{where}: {key} must be true (leave it out otherwise), got {value!r}")
+    return _strict(FirstLayerMap(rule) if key == "first" else LastLayerMap(rule))
+
+
+def _strict(primitive):
+    """A primitive written by a user must match something: an empty match is an error."""
+    primitive.strict = True
+    return primitive

@@ -7,19 +7,14 @@ before a stripped softmax) and the file's IR version and opset.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
 
-from .errors import ModelLoadError
+from .files import LARGE_INITIALIZER_BYTES
 
 # The compiled file keeps the input's IR version (raised only when its opset needs it)
 # and never goes above what current runtimes accept: onnxruntime 1.31 refuses IR 14,
@@ -28,89 +23,6 @@ MAX_IR_VERSION = 13
 
 # Domain of the nodes that stand for a fused exporter pattern during analysis.
 FUSED_DOMAIN = "lrpc.fused"
-
-
-def load_model(source) -> onnx.ModelProto:
-    """Read and validate an ONNX model from a path or a ``ModelProto``."""
-    if isinstance(source, onnx.ModelProto):
-        model = source
-        label = "model"
-    else:
-        path = Path(source)
-        label = str(path)
-        if not path.exists():
-            raise ModelLoadError(f"{label}: no such file")
-        if path.is_dir():
-            raise ModelLoadError(f"{label}: is a directory, not an ONNX file")
-        try:
-            model = onnx.load(str(path))
-        except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"{label}: not a readable ONNX model ({_first_line(exc)})") from None
-    if not model.graph.node:
-        raise ModelLoadError(f"{label}: not an ONNX model (no graph nodes; empty, truncated or another format)")
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise ModelLoadError(f"{label}: invalid ONNX model ({_first_line(exc)})") from None
-    return model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temp path beside ``path``; on success it is renamed over ``path``.
-
-    A failure (or an interrupt) leaves no partial file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# protobuf cannot serialize messages of 2 GiB or more; weights beyond this go to a side file
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-
-def _weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-
-
-def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> Path:
-    """Write a model atomically; with ``external_data`` (automatic for models near the
-    2 GiB protobuf limit) the weights go to ``<name>.data`` beside it."""
-    path = Path(path)
-    if external_data is None:
-        external_data = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    if not external_data:
-        with atomic_path(path) as tmp:
-            onnx.save(model, tmp)
-        return path
-    data_name = f"{path.name}.data"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
-        staged = Path(staging) / path.name
-        onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=0)
-        # the data first: a model file never points at a missing or stale data file
-        if (Path(staging) / data_name).exists():
-            os.replace(Path(staging) / data_name, path.parent / data_name)
-        os.replace(staged, path)
-    return path
 
 
 @dataclass
@@ -172,14 +84,34 @@ class Program:
                 self.graph.nodes.append(original)
         self.graph.toposort()
 
-    def to_model(self) -> onnx.ModelProto:
+    def to_model(self, light: bool = False) -> onnx.ModelProto:
+        """The graph as a ModelProto; ``light``: large weights become typed graph inputs
+        (for shape inference, which needs their shapes only, at any model size)."""
         self.unfuse()
         self.graph.opset = self.opset
+        if light:
+            return self._light_model()
         model = gs.export_onnx(self.graph, do_type_check=False)
         # IR 4 is the first that lets initializers stay out of the graph inputs, which is
         # how onnx-graphsurgeon writes them (old files listed weights as inputs).
         model.ir_version = min(max(self.ir_version, _min_ir_for(model), 4), MAX_IR_VERSION)
         return model
+
+    def _light_model(self) -> onnx.ModelProto:
+        large = [t for t in self.graph.tensors().values()
+                 if isinstance(t, gs.Constant) and t.values.nbytes > LARGE_INITIALIZER_BYTES]
+        saved = [(t, t.values) for t in large]
+        inputs = list(self.graph.inputs)
+        try:
+            for t, values in saved:
+                t.to_variable(dtype=values.dtype, shape=list(values.shape))
+                if t not in self.graph.inputs:
+                    self.graph.inputs.append(t)
+            return self.to_model()
+        finally:
+            for t, values in saved:
+                t.to_constant(values)
+            self.graph.inputs = inputs
 
     # -- queries -----------------------------------------------------------------------
     def tensors(self) -> dict[str, gs.Tensor]:

@@ -204,7 +204,7 @@ def encode_png(image: np.ndarray, scale: int = 1) -> bytes:
 
 def save_png(image: np.ndarray, path, scale: int = 1) -> Path:
     """Write an RGB image (nearest-neighbour upscaled by ``scale``) atomically."""
-    from .graph import atomic_path
+    from .files import atomic_path
 
     data = encode_png(image, scale)
     with atomic_path(path) as tmp:

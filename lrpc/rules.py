@@ -27,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 
+from . import validate
+from .errors import ParameterError
 from .spec import TRANSPARENT, Kind, Layer
 from .symbolic import Emitter, Sym, add_all, stabilize
 
@@ -272,7 +274,7 @@ class EpsilonRule(Rule):
     """LRP-ε: the denominator is ``z + ε·sign(z)``."""
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = validate.number(f"{type(self).__name__}: epsilon", epsilon, positive=True)
 
     def _args(self):
         return {"epsilon": self.epsilon}
@@ -284,8 +286,8 @@ class GammaRule(Rule):
     needs_weight = True
 
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6):
-        self.gamma = float(gamma)
-        self.epsilon = float(epsilon)
+        self.gamma = validate.number(f"{type(self).__name__}: gamma", gamma, nonnegative=True)
+        self.epsilon = validate.number(f"{type(self).__name__}: epsilon", epsilon, positive=True)
 
     def modify_parameters(self, param: Sym) -> Sym:
         return param + param.clamp(min=0) * self.gamma
@@ -300,7 +302,7 @@ class WSquareRule(Rule):
     needs_weight = True
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = validate.number(f"{type(self).__name__}: epsilon", epsilon, positive=True)
 
     def modify_input(self, a: Sym) -> Sym:
         return a.ones_like()
@@ -313,7 +315,7 @@ class FlatRule(Rule):
     """LRP-flat: input and weights replaced by ones, bias dropped."""
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = validate.number(f"{type(self).__name__}: epsilon", epsilon, positive=True)
 
     def modify_input(self, a: Sym) -> Sym:
         return a.ones_like()
@@ -342,7 +344,7 @@ class ZPlusRule(Rule):
     """LRP-z⁺ (Zennit's ``ZPlus``): ``a⁺`` with ``(W⁺, b⁺)`` plus ``a⁻`` with ``(W⁻, 0)``."""
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = validate.number(f"{type(self).__name__}: epsilon", epsilon, positive=True)
 
     def groups(self) -> list[Group]:
         return [Group([Term(_positive, _map_params(_positive)), Term(_negative, _map_params(_negative, "zero"))])]
@@ -352,12 +354,12 @@ class AlphaBetaRule(Rule):
     """LRP-αβ (Zennit's ``AlphaBeta``): ``α·R⁺ − β·R⁻`` with separate denominators; α − β = 1."""
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6):
-        alpha, beta = float(alpha), float(beta)
-        if alpha < 0 or beta < 0:
-            raise ValueError("AlphaBetaRule: alpha and beta must be non-negative")
+        alpha = validate.number("AlphaBetaRule: alpha", alpha, nonnegative=True)
+        beta = validate.number("AlphaBetaRule: beta", beta, nonnegative=True)
         if not np.isclose(alpha - beta, 1.0):
-            raise ValueError(f"AlphaBetaRule: alpha - beta must equal 1 (got alpha={alpha}, beta={beta})")
-        self.alpha, self.beta, self.epsilon = alpha, beta, float(epsilon)
+            raise ParameterError(f"AlphaBetaRule: alpha - beta must equal 1 (got alpha={alpha}, beta={beta})")
+        self.alpha, self.beta = alpha, beta
+        self.epsilon = validate.number("AlphaBetaRule: epsilon", epsilon, positive=True)
 
     def groups(self) -> list[Group]:
         positive = Group(
@@ -381,8 +383,8 @@ class GeneralizedGammaRule(Rule):
     needs_weight = True
 
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6):
-        self.gamma = float(gamma)
-        self.epsilon = float(epsilon)
+        self.gamma = validate.number(f"{type(self).__name__}: gamma", gamma, nonnegative=True)
+        self.epsilon = validate.number(f"{type(self).__name__}: epsilon", epsilon, positive=True)
 
     def groups(self) -> list[Group]:
         g = self.gamma
@@ -409,9 +411,15 @@ class ZBoxRule(Rule):
     needs_weight = True
 
     def __init__(self, low=0.0, high=1.0, epsilon: float = 1e-6):
-        self.low = np.asarray(low, dtype=np.float32)
-        self.high = np.asarray(high, dtype=np.float32)
-        self.epsilon = float(epsilon)
+        self.low = validate.finite_array("ZBoxRule: low", low)
+        self.high = validate.finite_array("ZBoxRule: high", high)
+        try:
+            ordered = bool(np.all(self.low <= self.high))
+        except ValueError:
+            raise ParameterError(f"ZBoxRule: low {self.low.shape} and high {self.high.shape} do not broadcast") from None
+        if not ordered:
+            raise ParameterError("ZBoxRule: low must not exceed high")
+        self.epsilon = validate.number("ZBoxRule: epsilon", epsilon, positive=True)
 
     def groups(self) -> list[Group]:
         def bound(value):
@@ -458,7 +466,7 @@ class LayerNormRule(Rule):
     """
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = validate.number(f"{type(self).__name__}: epsilon", epsilon, positive=True)
 
     def is_compatible(self, layer: Layer) -> bool:
         return layer.spec.kind is Kind.NORMALIZATION and layer.spec.linear and layer.op_type != "BatchNormalization"
@@ -495,7 +503,7 @@ class ConstantGateRule(Rule):
     uniform split."""
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = validate.number(f"{type(self).__name__}: epsilon", epsilon, positive=True)
 
     def propagate(self, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
         slot = layer.spec.gate(layer.node, layer.acts) if layer.spec.gate else None

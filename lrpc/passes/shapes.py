@@ -1,21 +1,35 @@
-"""Static shape inference (ONNX's own), so VJPs can read shapes and broadcast axes."""
+"""Static shape inference (ONNX's own), so VJPs can read shapes and broadcast axes.
+
+It runs on the model without its large weights (their shapes suffice), and the inferred
+shapes and dtypes are written onto the graph's own tensors.
+"""
 
 from __future__ import annotations
 
 import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
 
 from ..graph import Program
 
 
 def infer_shapes(program: Program) -> Program:
-    model = program.to_model()
+    model = program.to_model(light=True)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # inference is best effort; the emitter reports what it misses
         return program
-    new = Program.from_model(inferred)
-    new.ir_version, new.opset = program.ir_version, program.opset
-    for name in ("input_name", "explained_name", "output_name", "start_name", "position"):
-        setattr(new, name, getattr(program, name))
-    new.notes = program.notes
-    return new
+    tensors = program.graph.tensors()
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        tensor = tensors.get(info.name)
+        if tensor is None or isinstance(tensor, gs.Constant) or not info.type.HasField("tensor_type"):
+            continue
+        kind = info.type.tensor_type
+        if kind.elem_type:
+            try:
+                tensor.dtype = helper.tensor_dtype_to_np_dtype(kind.elem_type)
+            except (KeyError, ValueError, TypeError):
+                pass
+        if kind.HasField("shape"):
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in kind.shape.dim]
+    return program

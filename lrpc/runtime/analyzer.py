@@ -64,7 +64,7 @@ class LRP:
         providers: list[str] | None = None,
         threads: int | None = None,
     ):
-        from ..graph import load_model
+        from ..files import load_model
 
         proto = load_model(model)
         options = dict(normalize_output_relevance=normalize_output_relevance, skip_checks=skip_checks,

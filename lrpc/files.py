@@ -1,0 +1,296 @@
+"""Reading and writing files so that a failure or an interrupt never leaves half a result.
+
+- :func:`load_model`: any ONNX file (external data included, beyond 2 GiB) or bytes or a
+  ``ModelProto``, validated, with one clear error for every way a file can be wrong.
+- :func:`atomic_path`: a temp file renamed over the target on success.
+- :func:`save_model`: a model, with its weights in a side file when asked or when near the
+  2 GiB protobuf limit; the side file's name carries a hash of its content, so a reader
+  never pairs one run's ``.onnx`` with another run's data.
+- :class:`OutputFolder`: a folder of results written into a temporary sibling and moved
+  into place as a whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, helper
+
+from .errors import LrpcError, ModelLoadError
+
+# protobuf cannot serialize messages of 2 GiB or more; weights beyond this go to a side file
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# weights above this size are left out where only shapes matter (checker, shape inference)
+LARGE_INITIALIZER_BYTES = 1 << 20
+
+
+def load_model(source) -> onnx.ModelProto:
+    """Read and validate an ONNX model from a path, bytes or a ``ModelProto``."""
+    if isinstance(source, onnx.ModelProto):
+        model, label, path = source, "model", None
+    elif isinstance(source, (bytes, bytearray)):
+        label, path = "model bytes", None
+        try:
+            model = onnx.load_from_string(bytes(source))
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"{label}: not a readable ONNX model ({_first_line(exc)})") from None
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label = str(path)
+        model = _read(path)
+    else:
+        raise ModelLoadError(f"the model must be a path, bytes or an onnx.ModelProto, not {type(source).__name__}")
+    if not model.graph.node:
+        raise ModelLoadError(f"{label}: not an ONNX model (no graph nodes; empty, truncated or another format)")
+    _check_opset(model, label)
+    check(model, label, path)
+    return model
+
+
+def check(model: onnx.ModelProto, label: str, path: Path | None = None, full: bool = False) -> None:
+    """The ONNX checker, on the file when there is one (onnx reads files of any size
+    itself), else on the message (without its large weights beyond the protobuf limit)."""
+    try:
+        if path is not None:
+            onnx.checker.check_model(str(path), full_check=full)
+        elif _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            with without_large_initializers(model):
+                onnx.checker.check_model(model, full_check=full)
+        else:
+            onnx.checker.check_model(model, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelLoadError(f"{label}: invalid ONNX model ({_first_line(exc)})") from None
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+    try:
+        if path.stat().st_size >= 2**31:
+            raise ValueError("the file is larger than 2 GiB; keep the weights in an external data file")
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    if any(t.data_location == TensorProto.EXTERNAL for t in _all_initializers(model)):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # onnx refuses data outside the folder, links, absolute paths
+            raise ModelLoadError(f"{path}: its external data cannot be read ({_first_line(exc)}); the data "
+                                 "file must be a plain file in the model's folder, named relatively") from None
+    return model
+
+
+def _all_initializers(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def _check_opset(model: onnx.ModelProto, label: str) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and entry.version > newest:
+            raise ModelLoadError(f"{label}: opset {entry.version} is newer than any this onnx knows "
+                                 f"(up to {newest}); export with an older opset")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def without_large_initializers(model: onnx.ModelProto, limit: int = LARGE_INITIALIZER_BYTES):
+    """Temporarily turn large initializers into typed graph inputs: the checker and shape
+    inference need their shapes only, and a model of 2 GiB or more cannot be handed to them
+    whole."""
+    graph = model.graph
+    kept, moved = [], []
+    for tensor in graph.initializer:
+        (moved if len(tensor.raw_data) > limit else kept).append(tensor)
+    if not moved:
+        yield model
+        return
+    listed = {i.name for i in graph.input}
+    added = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved if t.name not in listed]
+    saved = list(graph.initializer)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.input.extend(added)
+    try:
+        yield model
+    finally:
+        del graph.input[len(graph.input) - len(added):]
+        del graph.initializer[:]
+        graph.initializer.extend(saved)
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def _plain_permissions(path) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give them what a plain open()/mkdir() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path beside ``path``; on success it is renamed over ``path``.
+
+    A failure (or an interrupt) leaves no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        _plain_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on the folder itself (no lock file left behind)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _data_token(model: onnx.ModelProto) -> str:
+    digest = hashlib.sha256()
+    for tensor in model.graph.initializer:
+        digest.update(tensor.name.encode())
+        digest.update(tensor.raw_data or tensor.SerializeToString())
+    return digest.hexdigest()[:16]
+
+
+def _referenced_data(path: Path) -> set[str]:
+    """Names of the external data files the model at ``path`` points to (none if unreadable)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return set()
+    names = set()
+    for tensor in _all_initializers(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                names.add(entry.value)
+    return names
+
+
+def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> Path:
+    """Write a model atomically; with ``external_data`` (automatic for models near the
+    2 GiB protobuf limit) the weights go to ``<name>.<content hash>.data`` beside it.
+
+    Both files are written under temporary names first. The data file is named after its
+    content and moved into place before the model file, under a lock on the folder, so a
+    reader never sees one run's model with another run's data; data files no model there
+    refers to any more are removed (the previous one is kept for readers still on it).
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not external_data:
+        with atomic_path(path) as tmp:
+            onnx.save(model, tmp)
+        return path
+    data_name = f"{path.name}.{_data_token(model)}.data"
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
+        staged = Path(staging) / path.name
+        # small tensors (shapes, scalars) stay inline: runtimes read those while building
+        # the graph, before any external data is loaded
+        onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        staged_data = Path(staging) / data_name
+        for f in (staged, staged_data):
+            if f.exists():
+                _plain_permissions(f)
+        with _folder_lock(path.parent):
+            previous = _referenced_data(path) if path.exists() else set()
+            if staged_data.exists():
+                os.replace(staged_data, path.parent / data_name)
+            os.replace(staged, path)
+            for stale in path.parent.glob(f"{path.name}.*.data"):
+                if stale.name != data_name and stale.name not in previous:
+                    stale.unlink(missing_ok=True)
+    return path
+
+
+class OutputFolder:
+    """Results written into a temporary sibling folder and moved into place as a whole.
+
+    ``with OutputFolder(out) as tmp:`` write into ``tmp``; on success ``out`` is replaced
+    by it (an earlier result folder moves aside first and is then removed), on failure or
+    interrupt the temporary folder is removed and ``out`` stays as it was. A folder that
+    exists, is not empty and holds no ``marker`` file is refused: it is not an earlier
+    result, and lrpc does not replace other people's files.
+    """
+
+    def __init__(self, path, marker: str = "summary.json"):
+        self.path = Path(path)
+        self.marker = marker
+        self.tmp: Path | None = None
+
+    def check(self) -> None:
+        """Refuse unusable targets before any work is done."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise LrpcError(f"{path}: exists and is not a folder")
+        if path.is_dir() and any(path.iterdir()) and not (path / self.marker).exists():
+            raise LrpcError(f"{path}: the folder holds other files; give a new or empty folder, or an earlier "
+                            "output folder of this command")
+        parent = path.resolve().parent
+        if not parent.exists():
+            raise LrpcError(f"{path}: the folder {parent} does not exist")
+        if not parent.is_dir():
+            raise LrpcError(f"{path}: {parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise LrpcError(f"{path}: cannot write in {parent}")
+
+    def __enter__(self) -> Path:
+        self.check()
+        parent = self.path.resolve().parent
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent))
+        return self.tmp
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        tmp, self.tmp = self.tmp, None
+        if kind is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        _plain_permissions(tmp)
+        aside = None
+        if self.path.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=tmp.parent))
+            os.replace(self.path, aside / "previous")
+        os.replace(tmp, self.path)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return False

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,9 @@ def _add_model_options(p: argparse.ArgumentParser, composite: bool = True) -> No
                        help="sequence outputs [N, T, V] (language models): the position explained (default -1, the last)")
         p.add_argument("--split-layernorm", action="store_true",
                        help="split LayerNorm from its affine part (scale, shift) so each takes its own rule")
+    p.add_argument("--max-constant-bytes", type=_byte_size, metavar="SIZE",
+                   help="the most constant folding may materialize, e.g. 512M or 2G (default: the larger of 256M "
+                        "and the model's largest weight)")
     p.add_argument("--input", dest="input_name", help="input to explain (default: the first)")
     p.add_argument("--output", dest="output_name", help="output whose class is explained (default: the first)")
     p.add_argument("--skip-checks", action="store_true", help="compile even if the model check fails")
@@ -72,8 +78,10 @@ def cmd_compile(args) -> int:
 
     if (args.crp_layer is None) != (args.features is None):
         raise LrpcError("--crp-layer and --features go together")
+    _check_writable(out)
     model = compile_file(
         args.model, out, _composite_from_args(args),
+        max_constant_bytes=args.max_constant_bytes,
         input_name=args.input_name, output_name=args.output_name,
         normalize_output_relevance=not args.no_normalize_output_relevance,
         skip_checks=args.skip_checks,
@@ -92,11 +100,25 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _check_writable(path: Path) -> None:
+    """The first folder that exists on the way to ``path`` must be a writable folder (missing
+    ones are created), checked before any work."""
+    from .errors import LrpcError
+
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise LrpcError(f"{path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LrpcError(f"{path}: cannot write in {folder}")
+
+
 def cmd_check(args) -> int:
     from .compiler import analyze_model
 
     analysis = analyze_model(args.model, input_name=args.input_name, output_name=args.output_name,
-                             skip_checks=True)
+                             skip_checks=True, max_constant_bytes=args.max_constant_bytes)
     report = analysis.report
     _print_table(report.table())
     if report.ok:
@@ -112,7 +134,7 @@ def cmd_inspect(args) -> int:
 
     analysis = analyze_model(args.model, _composite_from_args(args), input_name=args.input_name,
                              output_name=args.output_name, skip_checks=args.skip_checks, position=args.position,
-                             split_layernorm=args.split_layernorm)
+                             split_layernorm=args.split_layernorm, max_constant_bytes=args.max_constant_bytes)
     _print_table(layer_table(analysis, with_rules=True))
     return 0
 
@@ -126,6 +148,7 @@ def _preprocess_from_args(args):
         scale_pixels=args.scale_pixels,
         mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None,
+        max_pixels=args.max_image_pixels,
     )
 
 
@@ -210,15 +233,46 @@ def _feed_rows(feeds: dict, start: int, stop: int, total: int) -> dict:
             else np.broadcast_to(value, (stop - start, *value.shape)) for name, value in feeds.items()}
 
 
-def _explain_all(analyzer, samples, spec, prep, args):
+@dataclass
+class _Explained:
+    """What a run produced: the explained samples (in order), their arrays and heatmaps, and
+    the samples skipped with the reason."""
+
+    samples: list = field(default_factory=list)
+    indices: list = field(default_factory=list)  # each explained sample's place in the run
+    relevance: list = field(default_factory=list)
+    output: list = field(default_factory=list)
+    target: list = field(default_factory=list)
+    pngs: list = field(default_factory=list)
+    ids: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (index, sample, reason)
+
+    def arrays(self):
+        cat = np.concatenate
+        return cat(self.relevance), cat(self.output), cat(self.target), (cat(self.ids) if self.ids else None)
+
+
+def _skip(result: _Explained, args, index: int, sample, reason: str) -> None:
+    from .errors import InputError
+
+    if args.strict:
+        raise InputError(f"{sample.name}: {reason}")
+    result.skipped.append((index, sample, reason))
+
+
+def _explain_all(analyzer, samples, spec, prep, args) -> _Explained:
     """Relevance, output and target of every sample, its heatmap PNG (None for token
-    models) and the token ids (token models), batch by batch. Everything stays in memory
-    until the end: a failure in any batch writes nothing."""
+    models) and the token ids (token models), batch by batch. A sample with NaN or infinite
+    values, or whose relevance overflows, is skipped (an error with ``--strict``).
+    Everything stays in memory until the end: a failure in any batch writes nothing."""
+    import warnings
     from contextlib import nullcontext
 
+    from .errors import TargetError
     from .images import load
+    from .runtime.analyzer import RelevanceWarning
 
-    relevance, output, target, pngs, ids = [], [], [], [], []
+    result = _Explained()
     feeds = _read_feeds(args.feed, len(samples))
     starts = range(0, len(samples), args.batch_size)
     progress, task = _progress_bar(len(samples)) if len(starts) > 1 else (None, None)
@@ -227,19 +281,44 @@ def _explain_all(analyzer, samples, spec, prep, args):
             batch = samples[start:start + args.batch_size]
             x, shown = load(batch, spec, prep, shown=args.overlay)
             extra = _feed_rows(feeds, start, start + len(batch), len(samples))
-            expl = analyzer.analyze(x, args.target, extra_inputs=extra)
-            relevance.append(expl.val)
-            output.append(expl.output)
-            target.append(np.asarray(expl.output_selection))
-            if analyzer.explains_tokens:
-                ids.append(x)
-                pngs.extend([None] * len(batch))
-            else:
-                pngs.extend(_heatmap_pngs(expl.val, batch, shown, spec, args))
+            keep = np.isfinite(x.reshape(len(x), -1)).all(axis=1) if x.dtype.kind == "f" else np.ones(len(x), bool)
+            for i in np.flatnonzero(~keep):
+                _skip(result, args, start + i, batch[i], "holds NaN or infinite values")
+            if keep.any():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RelevanceWarning)  # reported per sample below
+                    try:
+                        expl = analyzer.analyze(x[keep], args.target, extra_inputs={k: v[keep] for k, v in extra.items()})
+                    except TargetError as exc:  # the API's words for it, in the command line's
+                        raise TargetError(f"--{exc}" if str(exc).startswith("target") else str(exc)) from None
+                kept = np.flatnonzero(keep)
+                finite = np.isfinite(expl.val.reshape(len(kept), -1)).all(axis=1)
+                for j in np.flatnonzero(~finite):
+                    _skip(result, args, start + kept[j], batch[kept[j]],
+                          "its relevance is not finite (values overflow float32 inside the model)")
+                result.indices.extend(int(start + i) for i in kept[finite])
+                _collect(result, analyzer, expl, [batch[i] for i in kept[finite]], x[kept][finite],
+                         [shown[i] for i in kept[finite]] if shown else None, finite, spec, args)
             if progress:
                 progress.advance(task, len(batch))
-    token_ids = np.concatenate(ids) if ids else None
-    return np.concatenate(relevance), np.concatenate(output), np.concatenate(target), pngs, token_ids
+    if not result.samples:
+        from .errors import InputError
+
+        raise InputError(f"no sample could be explained ({result.skipped[0][2]}: {result.skipped[0][1].name}, ...)")
+    return result
+
+
+def _collect(result: _Explained, analyzer, expl, batch, x, shown, rows, spec, args) -> None:
+    relevance = expl.val[rows]
+    result.samples.extend(batch)
+    result.relevance.append(relevance)
+    result.output.append(expl.output[rows])
+    result.target.append(np.asarray(expl.output_selection)[rows])
+    if analyzer.explains_tokens:
+        result.ids.append(x)
+        result.pngs.extend([None] * len(batch))
+    else:
+        result.pngs.extend(_heatmap_pngs(relevance, batch, shown, spec, args))
 
 
 def _token_strings(ids: np.ndarray, args) -> list[list[str]]:
@@ -294,44 +373,46 @@ def _prediction(analyzer, output: np.ndarray) -> int:
     return int(np.argmax(scores.reshape(-1)))
 
 
-def _write_explanations(outdir: Path, analyzer, samples, files, names, relevance, output, target) -> list[dict]:
-    """Heatmaps (PNG, or HTML for text), relevance.npz and summary.json, each written atomically."""
-    from .files import atomic_path
-
-    outdir.mkdir(parents=True, exist_ok=True)
+def _write_explanations(outdir: Path, analyzer, result: _Explained, files, names) -> list[dict]:
+    """Heatmaps (PNG, or HTML for text), relevance.npz and summary.json into ``outdir`` (the
+    run's temporary folder: :class:`lrpc.files.OutputFolder` moves it into place)."""
+    relevance, output, target, _ = result.arrays()
     summary = []
-    for i, (sample, name, data) in enumerate(zip(samples, names, files)):
+    for i, (index, sample, name, data) in enumerate(zip(result.indices, result.samples, names, files)):
         if data is not None:
-            with atomic_path(outdir / name) as tmp:
-                Path(tmp).write_bytes(data)
+            (outdir / name).write_bytes(data)
         summary.append({
-            "index": i,
+            "index": index,
             "input": sample.name,
             "prediction": _prediction(analyzer, output[i]),
             "target": int(target[i]),
             "relevance_sum": float(relevance[i].sum()),
             "heatmap": name if data is not None else None,
         })
-    arrays = dict(relevance=relevance, output=output, target=target, inputs=np.array([s.name for s in samples]))
+    for index, sample, reason in result.skipped:
+        summary.append({"index": int(index), "input": sample.name, "skipped": reason})
+    summary.sort(key=lambda entry: entry["index"])
+    arrays = dict(relevance=relevance, output=output, target=target,
+                  inputs=np.array([s.name for s in result.samples]))
     if analyzer.explains_tokens:
         arrays["token_relevance"] = relevance.sum(axis=-1)
-    with atomic_path(outdir / "relevance.npz") as tmp, open(tmp, "wb") as fh:
+    with open(outdir / "relevance.npz", "wb") as fh:
         np.savez(fh, **arrays)
-    with atomic_path(outdir / "summary.json") as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
+    (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def cmd_explain(args) -> int:
     from .errors import LrpcError
+    from .files import OutputFolder
     from .heatmap import get_colormap
     from .images import collect
     from .runtime import LRP
 
     outdir = Path(args.output_dir)
-    if outdir.exists() and not outdir.is_dir():
-        raise LrpcError(f"{outdir}: exists and is not a folder")
-    # cheap checks first: a typo should not wait for the model to compile
+    folder = OutputFolder(outdir)
+    # cheap checks first: a typo or an unwritable folder should not wait for inference
+    folder.check()
     get_colormap(args.colormap)
     if not 0.0 <= args.alpha <= 1.0:
         raise LrpcError(f"--alpha must lie in [0, 1], got {args.alpha}")
@@ -339,32 +420,76 @@ def cmd_explain(args) -> int:
     analyzer = LRP(args.model, _composite_from_args(args), input_name=args.input_name,
                    output_name=args.output_name, skip_checks=args.skip_checks,
                    normalize_output_relevance=not args.no_normalize_output_relevance,
-                   position=args.position, split_layernorm=args.split_layernorm)
+                   position=args.position, split_layernorm=args.split_layernorm,
+                   max_constant_bytes=args.max_constant_bytes)
     if any(p.key == "lrpc.crp" for p in analyzer.model.metadata_props):
         # one relevance row per feature and input: not one heatmap per input file
         raise LrpcError(f"{args.model} was compiled for CRP; explain a plain or LRP-compiled model "
                         "(CRP heatmaps: lrpc.CRP in Python, see examples/crp_digits.py)")
     spec, prep, samples = _read_inputs(files, analyzer, args)
-    relevance, output, target, pngs, ids = _explain_all(analyzer, samples, spec, prep, args)
+    _check_heatmap_size(spec, samples, args)
+    result = _explain_all(analyzer, samples, spec, prep, args)
+    relevance, _, _, ids = result.arrays()
     texts = _text_heatmaps(ids, relevance, args) if ids is not None else None
     if texts is None:
-        files, names = pngs, _heatmap_names(samples)
+        files, names = result.pngs, _heatmap_names(result.samples)
     else:
-        names = _heatmap_names(samples, "text", ".html")
+        names = _heatmap_names(result.samples, "text", ".html")
         files = [_html_page(text, name) for text, name in zip(texts, names)]
-    summary = _write_explanations(outdir, analyzer, samples, files, names, relevance, output, target)
+    with folder as tmp:
+        summary = _write_explanations(tmp, analyzer, result, files, names)
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
-    for i, entry in enumerate(summary):
+    text_of = dict(zip(result.indices, texts)) if texts is not None else {}
+    for entry in summary:
+        if "skipped" in entry:
+            print(f"{entry['input']}: skipped, {entry['skipped']}")
+            continue
         where = f" -> {outdir / entry['heatmap']}" if entry["heatmap"] else ""
         print(f"{entry['input']}: predicted {entry['prediction']}, explained {entry['target']}, "
               f"sum(relevance) = {entry['relevance_sum']:.4f}{where}")
-        if texts is not None:
-            console.print(texts[i].to_terminal())
+        if entry["index"] in text_of:
+            console.print(text_of[entry["index"]].to_terminal())
     n_maps = sum(data is not None for data in files)
-    print(f"wrote {n_maps} heatmap(s), relevance.npz and summary.json to {outdir}")
+    skipped = f" ({len(result.skipped)} sample(s) skipped)" if result.skipped else ""
+    print(f"wrote {n_maps} heatmap(s), relevance.npz and summary.json to {outdir}{skipped}")
     return 0
+
+
+MAX_HEATMAP_PIXELS = 100_000_000
+
+
+def _check_heatmap_size(spec, samples, args) -> None:
+    """``--heatmap-scale`` times the largest sample must stay a picture, not a memory bomb."""
+    from .errors import LrpcError
+
+    sizes = [s.image_size for s in samples if s.image_size] or \
+        [tuple(d for d in s.shape if isinstance(d, int))[-2:] for s in samples]
+    largest = max((int(np.prod(size)) for size in sizes if len(size) == 2), default=0)
+    if largest * args.heatmap_scale**2 > MAX_HEATMAP_PIXELS:
+        raise LrpcError(f"--heatmap-scale {args.heatmap_scale} makes heatmaps of {largest * args.heatmap_scale**2:,} "
+                        f"pixels (at most {MAX_HEATMAP_PIXELS:,})")
+
+
+def _byte_size(text: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    stripped = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (stripped[:-1], stripped[-1]) if stripped and stripped[-1] in units else (stripped, "")
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (give bytes, or 512K, 64M, 2G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def _scale(text: str) -> int:
+    value = _positive_int(text)
+    if value > 64:
+        raise argparse.ArgumentTypeError(f"at most 64, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -407,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_inspect)
 
     from .heatmap import RANGESCALES, REDUCTIONS
-    from .images import LAYOUTS
+    from .images import DEFAULT_MAX_IMAGE_PIXELS, LAYOUTS
 
     p = sub.add_parser("explain", help="explain .npy arrays and PNG/JPEG images: heatmap PNGs, relevance.npz, "
                                        "summary.json")
@@ -418,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, help="class to explain (default: the prediction)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="samples per inference call (default 32)")
     p.add_argument("--no-normalize-output-relevance", action="store_true")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at a sample with NaN/infinite values or relevance (default: skip it, listed in "
+                        "summary.json)")
     p.add_argument("--feed", action="append", metavar="NAME=FILE.npy",
                    help="a value for another model input (attention_mask, ...), one row per sample; repeatable")
     t = p.add_argument_group("text (token-id inputs: one HTML text heatmap per sample)")
@@ -434,8 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide 8-bit pixels by 255")
     g.add_argument("--mean", nargs="+", type=float, metavar="M", help="subtract per channel (after --scale-pixels)")
     g.add_argument("--std", nargs="+", type=float, metavar="S", help="then divide per channel")
+    g.add_argument("--max-image-pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"refuse images with more pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
     h = p.add_argument_group("heatmaps")
-    h.add_argument("--heatmap-scale", "--scale", dest="heatmap_scale", type=_positive_int, default=1,
+    h.add_argument("--heatmap-scale", "--scale", dest="heatmap_scale", type=_scale, default=1,
                    help="upscale heatmap PNGs by this factor (default 1: the input's pixel size)")
     h.add_argument("--reduce", choices=REDUCTIONS, default="sum", help="over channels (default: sum)")
     h.add_argument("--rangescale", choices=RANGESCALES, default="centered", help="default: centered")
@@ -451,8 +581,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return args.run(args)
+    except Interrupted as exc:
+        print(f"lrpc: {exc.reason}; nothing was written", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("lrpc: interrupted; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGINT
     except UnsupportedModelError as exc:
         if exc.report is not None:
             _print_table(exc.report.table(only_failures=True))
@@ -465,13 +603,30 @@ def main(argv: list[str] | None = None) -> int:
     except LrpcError as exc:
         print(f"lrpc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    except OSError as exc:  # the disk, not lrpc: full, read-only, vanished
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"lrpc: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:  # a bug: still one line, unless debugging
         if os.environ.get("LRPC_DEBUG"):
             raise
         print(f"lrpc: internal error: {type(exc).__name__}: {exc} (set LRPC_DEBUG=1 for details)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and temp-file cleanup runs."""
+
+    def __init__(self, signum: int, reason: str):
+        super().__init__(reason)
+        self.signum, self.reason = signum, reason
+
+
+def _terminate(signum, frame):
+    raise Interrupted(signum, "terminated")
 
 
 if __name__ == "__main__":

@@ -75,12 +75,15 @@ def analyze_model(
     verbose: bool = True,
     position: int | None = None,
     split_layernorm: bool = False,
+    max_constant_bytes: int | None = None,
 ) -> Analysis:
     """Everything up to emission: canonize, check, assign rules."""
     composite = _as_composite(composite)
-    program = Program.from_model(load_model(model))
+    proto = load_model(model)
+    _refuse_compiled(proto)
+    program = Program.from_model(proto)
     program = canonize(program, input_name=input_name, output_name=output_name, position=position,
-                       split_layernorms=split_layernorm)
+                       split_layernorms=split_layernorm, max_constant_bytes=max_constant_bytes)
     table = find_layers(program)
     report = check_layers(program, table)
     if not skip_checks:
@@ -90,6 +93,18 @@ def analyze_model(
         raise LrpcError(f"got {expected} rules for a model with {len(table.layers)} layers")
     rules = composite.assign(table.layers)
     return Analysis(program, table, report, rules, composite)
+
+
+def _refuse_compiled(model: onnx.ModelProto) -> None:
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "lrpc.version" in meta:
+        raise LrpcError(f"the model was already compiled by lrpc {meta['lrpc.version']} (it returns "
+                        f"{meta.get('lrpc.relevance', 'relevance')!r}); compile the original model instead")
+    names = {t.name for t in model.graph.input} | {t.name for t in model.graph.initializer}
+    names |= {o for n in model.graph.node for o in n.output}
+    if TARGET_NAME in names:
+        raise LrpcError(f"the model already has a tensor named {TARGET_NAME!r}, the compiled file's target input; "
+                        "rename it before compiling")
 
 
 def compile(
@@ -106,6 +121,7 @@ def compile(
     features=None,
     position: int | None = None,
     split_layernorm: bool = False,
+    max_constant_bytes: int | None = None,
 ) -> onnx.ModelProto:
     """Compile ``model`` (path or ModelProto) into an ONNX model that also returns ``relevance``.
 
@@ -118,10 +134,13 @@ def compile(
     ``crp_features`` the feature explained by each. ``position``: for sequence outputs
     ``[N, T, V]`` (language models), the explained position (default -1, the last).
     ``split_layernorm``: split LayerNorm from its affine part so each takes its own rule.
+    ``max_constant_bytes``: the most constant folding may materialize (default: the larger
+    of 256 MiB and the model's largest weight).
     """
     analysis = analyze_model(
         model, composite, input_name=input_name, output_name=output_name,
         skip_checks=skip_checks, verbose=verbose, position=position, split_layernorm=split_layernorm,
+        max_constant_bytes=max_constant_bytes,
     )
     return emit_model(analysis, normalize_output_relevance, relevance_at=relevance_at,
                       crp_layer=crp_layer, features=features)
@@ -158,6 +177,7 @@ def emit_model(
     out.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_NAME))
     meta = {
         "lrpc.version": __version__,
+        "lrpc.relevance": emitted.relevance.name,
         "lrpc.composite": repr(analysis.composite),
         "lrpc.input": program.input_name,
         "lrpc.explained": program.explained_name,
@@ -177,7 +197,30 @@ def emit_model(
         check(out, "compiled model", full=True)
     except LrpcError as exc:  # a bug in lrpc, not in the user's model
         raise LrpcError(f"internal error: the compiled model fails the ONNX checker: {exc}") from None
+    _verify_loads(out)
     return out
+
+
+def _verify_loads(model: onnx.ModelProto) -> None:
+    """A file that compiles but cannot run is refused now, not at the user's first run:
+    onnxruntime (when installed) builds a session from it, optimizations off (kernel
+    lookup and type checks are what matter, in well under a second)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    from .files import EXTERNAL_DATA_THRESHOLD, _weight_bytes
+
+    if _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        return  # too large to hand over in memory; written with external data, it loads by path
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LrpcError(f"the compiled model does not load in onnxruntime {ort.__version__}: {first}") from None
 
 
 def find_layer(analysis: Analysis, ref) -> Layer:

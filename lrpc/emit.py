@@ -89,6 +89,7 @@ def emit_relevance(
     parts = pending.get(x_final.name)
     if not parts:
         raise LrpcError(f"no relevance reaches input {x.name!r}")
+    # a model output of that name already: the file records the name used (lrpc.relevance)
     name = RELEVANCE_NAME if RELEVANCE_NAME not in tensors else f"lrp_{RELEVANCE_NAME}"
     relevance = _named_output(graph, add_all(parts).value, name, dtype, shape)
     for tensor in relevance_at:
@@ -191,7 +192,9 @@ def _output_relevance(em: Emitter, logits, target, normalize: bool, position: in
         scores = em.op("Flatten", [logits], {"axis": 1}, dtype=em.dtype)
     else:
         scores = em.op("Gather", [logits, em.const(position, np.int64)], {"axis": 1}, dtype=em.dtype)
-    onehot = em.sym(_one_hot(em, _chosen(em, scores, target), _dim(em, scores, 1)))
+    classes = _dim(em, scores, 1)
+    chosen = _chosen(em, scores, target)
+    onehot = em.sym(_one_hot(em, chosen, classes)) + _nan_if_out_of_range(em, chosen, classes)
     if position is not None:
         at = _one_hot(em, em.ints([position]), _dim(em, logits, 1))  # [1, T], 1 at the position
         onehot = em.sym(em.op("Unsqueeze", [onehot, em.ints([1])], dtype=em.dtype)) * em.sym(
@@ -199,6 +202,14 @@ def _output_relevance(em: Emitter, logits, target, normalize: bool, position: in
     elif static_shape(logits) is None or len(static_shape(logits)) != 2:
         onehot = em.sym(em.op("Reshape", [onehot, em.shape_of(logits)], dtype=em.dtype))
     return onehot if normalize else onehot * em.sym(logits)
+
+
+def _nan_if_out_of_range(em: Emitter, chosen, classes) -> Sym:
+    """``[N, 1]``: 0 for a valid class, NaN beyond the last one. A graph cannot raise, so a
+    target out of range gives a row of NaN relevance, never a plausible-looking zero."""
+    valid = em.op("Less", [chosen, classes], dtype=np.bool_)
+    flag = em.op("Where", [valid, em.const(0.0), em.const(np.nan)], dtype=em.dtype)
+    return em.sym(em.op("Unsqueeze", [flag, em.ints([1])], dtype=em.dtype))
 
 
 def _chosen(em: Emitter, scores, target):

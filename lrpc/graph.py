@@ -16,6 +16,10 @@ import onnx_graphsurgeon as gs
 
 from .files import LARGE_INITIALIZER_BYTES
 
+# onnx-graphsurgeon's own warnings ("colored module is not installed", types it cannot
+# convert) are about its internals, not the user's model: lrpc reports what matters itself
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
 # The compiled file keeps the input's IR version (raised only when its opset needs it)
 # and never goes above what current runtimes accept: onnxruntime 1.31 refuses IR 14,
 # which onnx 1.23 writes by default.
@@ -105,6 +109,7 @@ class Program:
         try:
             for t, values in saved:
                 t.to_variable(dtype=values.dtype, shape=list(values.shape))
+                t.type = "tensor_type"  # to_variable leaves out what export_onnx reads
                 if t not in self.graph.inputs:
                     self.graph.inputs.append(t)
             return self.to_model()

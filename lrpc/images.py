@@ -7,6 +7,8 @@ only headers (npy shapes, image sizes) and checks every sample against the model
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,9 @@ SUFFIXES = (NPY_SUFFIX, *IMAGE_SUFFIXES)
 LAYOUTS = ("nchw", "nhwc")
 _SUFFIX_LIST = ".npy, .png, .jpg or .jpeg"
 _EXIF_ORIENTATION = 0x0112
+#: images with more pixels are refused from their header (``--max-image-pixels``): an image
+#: decodes to 3 bytes a pixel, whatever its file size
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 def show_shape(shape) -> str:
@@ -88,6 +93,7 @@ class Preprocess:
     scale_pixels: bool = True
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def check(self) -> None:
         if self.std is not None and any(s == 0 for s in self.std):
@@ -192,10 +198,14 @@ def _plan_image(path: Path, spec: ModelInput, prep: Preprocess) -> Sample:
 
     channels = _image_channels(spec, prep)
     try:
-        with Image.open(path) as img:  # reads the header only
+        with _bounded(prep.max_pixels, path), Image.open(path) as img:  # reads the header only
             size = _oriented_size(img)
+    except InputError:
+        raise
     except Exception as exc:  # Pillow raises many kinds for broken files; all mean "unreadable"
         raise _image_error(path, exc) from None
+    if size[0] * size[1] > prep.max_pixels:
+        raise _too_large(path, size[0] * size[1], prep.max_pixels)
     hw = prep.size or size
     want_h, want_w = spec.spatial
     if (want_h is not None and hw[0] != want_h) or (want_w is not None and hw[1] != want_w):
@@ -235,30 +245,61 @@ def plan(paths, spec: ModelInput, prep: Preprocess) -> list[Sample]:
 # -- decoding a batch -----------------------------------------------------------------------------------
 
 
-def _read_image(path: Path, grayscale: bool):
-    """The decoded image as shown (EXIF rotation applied), in mode L or RGB."""
+def _too_large(path: Path, pixels: int, limit: int) -> InputError:
+    return InputError(f"{path}: {pixels:,} pixels, more than --max-image-pixels {limit:,}")
+
+
+@contextlib.contextmanager
+def _bounded(limit: int, path: Path):
+    """Pillow's decompression-bomb guard set to lrpc's limit, its warning and error turned
+    into lrpc's one-line refusal."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: too many pixels for --max-image-pixels {limit:,} ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _read_image(path: Path, grayscale: bool, max_pixels: int, reduce_to: tuple[int, int] | None = None):
+    """The decoded image as shown (EXIF rotation applied), in mode L or RGB. ``reduce_to``
+    (H, W): let the decoder shrink by powers of two while staying at least that large
+    (JPEG's draft mode), so a huge photo never exists at full size in memory."""
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as img:
+        with _bounded(max_pixels, path), Image.open(path) as img:
+            if reduce_to is not None:
+                img.draft("L" if grayscale else "RGB", (reduce_to[1], reduce_to[0]))
             img.load()
             if img.mode == "P":
                 img = img.convert("RGBA")  # Pillow warns when a palette with transparency skips this step
             return ImageOps.exif_transpose(img).convert("L" if grayscale else "RGB")
+    except InputError:
+        raise
     except Exception as exc:  # truncated data surfaces only here, when decoding
         raise _image_error(path, exc) from None
 
 
-def _image_sample(sample: Sample, spec: ModelInput, prep: Preprocess) -> tuple[np.ndarray, np.ndarray]:
-    """(model-ready sample, the image as shown in [0, 1] at its own size, for overlays)."""
+def _image_sample(sample: Sample, spec: ModelInput, prep: Preprocess,
+                  shown: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(model-ready sample, for overlays the image as shown at its own size in uint8, else None)."""
     from PIL import Image
 
     channels = _image_channels(spec, prep)
-    img = _read_image(sample.path, channels == 1)
-    if (img.height, img.width) != sample.image_size:  # an EXIF rotation the header did not show
+    # the overlay needs the full-size picture; otherwise the decoder may shrink it at once
+    reduce_to = prep.size if prep.size and not shown else None
+    img = _read_image(sample.path, channels == 1, prep.max_pixels, reduce_to)
+    if reduce_to is None and (img.height, img.width) != sample.image_size:  # an EXIF rotation the header hid
         raise InputError(f"{sample.path}: decodes to {img.height}x{img.width} (H x W), its header says "
                          f"{sample.image_size[0]}x{sample.image_size[1]}")
-    shown = np.asarray(img, dtype=np.float32) / 255.0
+    picture = np.asarray(img) if shown else None
     if prep.size and (img.height, img.width) != tuple(prep.size):
         img = img.resize((prep.size[1], prep.size[0]), Image.BILINEAR)
     x = np.asarray(img, dtype=np.float32)
@@ -272,7 +313,7 @@ def _image_sample(sample: Sample, spec: ModelInput, prep: Preprocess) -> tuple[n
     if prep.std is not None:
         x = x / np.asarray(prep.std, dtype=np.float32)
     x = {"nchw": lambda a: a.transpose(2, 0, 1), "nhwc": lambda a: a, "nhw": lambda a: a[..., 0]}[spec.layout](x)
-    return x, shown
+    return x, picture
 
 
 def load(samples: list[Sample], spec: ModelInput, prep: Preprocess, shown: bool = False):
@@ -281,7 +322,7 @@ def load(samples: list[Sample], spec: ModelInput, prep: Preprocess, shown: bool 
     arrays, images, opened = [], [], {}
     for s in samples:
         if s.is_image:
-            x, image = _image_sample(s, spec, prep)
+            x, image = _image_sample(s, spec, prep, shown)
         else:
             if s.path not in opened:
                 opened[s.path] = _open_npy(s.path)

@@ -421,6 +421,33 @@ class ZBoxRule(Rule):
             raise ParameterError("ZBoxRule: low must not exceed high")
         self.epsilon = validate.number("ZBoxRule: epsilon", epsilon, positive=True)
 
+    def _bounds_fit(self, layer: Layer) -> bool:
+        from .graph import static_shape
+
+        shape = static_shape(layer.act())
+        if shape is None:
+            return True
+        sample = tuple(1 if d is None else d for d in (1, *shape[1:]))
+        for bound in (self.low, self.high):
+            if bound.ndim > len(sample):
+                return False
+            for have, want in zip(reversed(bound.shape), reversed(sample)):
+                if have not in (1, want) and want != 1:
+                    return False
+        return True
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return super().is_compatible(layer) and self._bounds_fit(layer)
+
+    def incompatibility(self, layer: Layer) -> str:
+        if super().is_compatible(layer):
+            from .graph import static_shape
+
+            return (f"its bounds (low {list(self.low.shape)}, high {list(self.high.shape)}) do not broadcast to "
+                    f"the layer's input {list(static_shape(layer.act()))} (give scalars or one value per channel "
+                    "shaped [1, C, 1, 1])")
+        return super().incompatibility(layer)
+
     def groups(self) -> list[Group]:
         def bound(value):
             def modify(a: Sym) -> Sym:

@@ -141,7 +141,8 @@ def test_alpha_beta_must_differ_by_one():
         ),
         ("Composite(EpsilonRule(), FirstNTypeMap(2, {ConvLayer: FlatRule()}))",
          Composite(EpsilonRule(), FirstNTypeMap(2, {ConvLayer: FlatRule()}))),
-        ("EpsilonGammaBox(low=[-1.0, -2.0, -3.0], high=3)", lrpc.EpsilonGammaBox([-1.0, -2.0, -3.0], 3)),
+        ("EpsilonGammaBox(low=[[[-1.0]], [[-2.0]], [[-3.0]]], high=3)",
+         lrpc.EpsilonGammaBox([[[-1.0]], [[-2.0]], [[-3.0]]], 3)),
     ],
 )
 def test_expressions_build_the_same_rules(text, expected):

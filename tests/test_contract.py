@@ -329,12 +329,21 @@ def test_output_selection_int_or_one_per_sample(analyzer, selection, expected):
 
 
 @pytest.mark.parametrize(
-    "selection", [10, 99, -5, [1, 2], [0, 1, 2, 3], [0, 10, 1]],
-    ids=["10", "99", "-5", "too-short", "too-long", "one-out-of-range"],
+    "selection", [10, 99, [1, 2], [0, 1, 2, 3], [0, 10, 1], 1.5],
+    ids=["10", "99", "too-short", "too-long", "one-out-of-range", "float"],
 )
 def test_bad_output_selection_raises_target_error(analyzer, selection):
     with pytest.raises(lrpc.TargetError):
         analyzer.analyze(batch(analyzer.model, 3), selection)
+
+
+def test_a_negative_selection_means_the_arg_max(analyzer):
+    """As in the file's contract: -1 (any negative entry) explains the prediction."""
+    x = batch(analyzer.model, 3)
+    plain = analyzer.analyze(x)
+    mixed = analyzer.analyze(x, [-5, int(plain.output_selection[1]), -1])
+    np.testing.assert_array_equal(mixed.output_selection, plain.output_selection)
+    np.testing.assert_allclose(mixed.val, plain.val, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(

@@ -48,11 +48,12 @@ __all__ = [
 
 
 def canonize(program: Program, input_name: str | None = None, output_name: str | None = None,
-             position: int | None = None, split_layernorms: bool = False) -> Program:
+             position: int | None = None, split_layernorms: bool = False,
+             max_constant_bytes: int | None = None) -> Program:
     program = inline_functions(program)
     program = upgrade_opset(program)
     program = infer_shapes(program)
-    program = fold_constants(program)
+    program = fold_constants(program, max_constant_bytes)
     program = remove_identity(program)
     program = constant_arithmetic_to_affine(program)
     program = fuse_affine(program)

@@ -40,7 +40,12 @@ def select_input(program: Program, name: str | None = None) -> Program:
 
 def _explained_tensor(x: gs.Variable) -> str:
     kind = dtype_kind(x)
-    if kind in (None, "f"):
+    if kind is None:
+        return x.name
+    if kind == "f":
+        if _dtype_name(x) != "float32":
+            raise LrpcError(f"input {x.name!r} is {_dtype_name(x)}; lrpc compiles float32 models (runtimes lack "
+                            "the other precisions' kernels for the backward pass): convert the model to float32")
         return x.name
     if kind not in "iu":
         raise LrpcError(f"input {x.name!r} has dtype {np.dtype(x.dtype)}; lrpc explains floating-point inputs "
@@ -54,6 +59,15 @@ def _explained_tensor(x: gs.Variable) -> str:
         raise LrpcError(f"input {x.name!r} feeds {len(lookups)} embedding lookups ({found}); lrpc reports relevance "
                         "at one")
     return lookups[0].outputs[0].name
+
+
+def _dtype_name(x) -> str:
+    try:
+        return np.dtype(x.dtype).name
+    except TypeError:  # an ONNX type numpy lacks
+        from onnx import helper
+
+        return helper.tensor_dtype_to_string(int(x.dtype)).removeprefix("TensorProto.").lower()
 
 
 def embedding_lookups(x: gs.Tensor) -> list[gs.Node]:

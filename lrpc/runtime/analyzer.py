@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +33,7 @@ class Explanation:
 
 
 def _is_compiled(model: onnx.ModelProto) -> bool:
-    return any(o.name == RELEVANCE_NAME for o in model.graph.output) and any(
-        i.name == TARGET_NAME for i in model.graph.input
-    )
+    return any(p.key == "lrpc.version" for p in model.metadata_props)
 
 
 class LRP:
@@ -61,6 +60,7 @@ class LRP:
         relevance_at=(),
         position: int | None = None,
         split_layernorm: bool = False,
+        max_constant_bytes: int | None = None,
         providers: list[str] | None = None,
         threads: int | None = None,
     ):
@@ -69,10 +69,10 @@ class LRP:
         proto = load_model(model)
         options = dict(normalize_output_relevance=normalize_output_relevance, skip_checks=skip_checks,
                        verbose=verbose, input_name=input_name, output_name=output_name, relevance_at=tuple(relevance_at),
-                       position=position, split_layernorm=split_layernorm)
+                       position=position, split_layernorm=split_layernorm, max_constant_bytes=max_constant_bytes)
         if _is_compiled(proto):
             if (composite is not None or not normalize_output_relevance or input_name or output_name or relevance_at
-                    or position is not None or split_layernorm):
+                    or position is not None or split_layernorm or max_constant_bytes is not None):
                 raise LrpcError("the model is already compiled: its rules and options are fixed; "
                                 "pass the original model to change them")
             self.source, self.composite, self.options = None, None, options
@@ -88,7 +88,8 @@ class LRP:
         analysis = analyze_model(self.source, self.composite, input_name=opts["input_name"],
                                  output_name=opts["output_name"], skip_checks=opts["skip_checks"],
                                  verbose=opts["verbose"], position=opts["position"],
-                                 split_layernorm=opts["split_layernorm"])
+                                 split_layernorm=opts["split_layernorm"],
+                                 max_constant_bytes=opts["max_constant_bytes"])
         model = emit_model(analysis, opts["normalize_output_relevance"], relevance_at=opts["relevance_at"], **concept)
         self._open(model, analysis, providers, threads)
 
@@ -102,7 +103,8 @@ class LRP:
         self.explains_tokens = meta.get("lrpc.explained", self.input_name) != self.input_name
         self.session = make_session(self.model, providers=providers, threads=threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        model_outputs = [n for n in self.output_names if n != RELEVANCE_NAME]
+        self.relevance_name = meta.get("lrpc.relevance", RELEVANCE_NAME)
+        model_outputs = [n for n in self.output_names if n != self.relevance_name]
         self.explained_output = meta.get("lrpc.output", model_outputs[0])
         self.other_inputs = [i for i in self.session.get_inputs() if i.name not in (self.input_name, TARGET_NAME)]
         self._num_classes = None
@@ -129,29 +131,40 @@ class LRP:
         n = x.shape[0]
         feeds = {self.input_name: x, **self.other_feeds(x, extra_inputs)}
         if output_selection is not None:
-            target = np.asarray(output_selection).reshape(-1)
-            if target.dtype.kind not in "iu":
-                raise TargetError(f"output_selection must be integer class indices, got {output_selection!r}")
-            target = target.astype(np.int64)
-            if target.size == 1 and n > 1:
-                target = np.repeat(target, n)
-            if target.size != n:
-                raise TargetError(f"output_selection has {target.size} entries for a batch of {n}")
-            classes = self._classes({name: value[:1] for name, value in feeds.items()})
-            bad = target[(target < 0) | (target >= classes)]
-            if bad.size:
-                raise TargetError(f"output_selection {int(bad[0])} is out of range: the model has {classes} outputs (0..{classes - 1})")
-            feeds[TARGET_NAME] = target
+            feeds[TARGET_NAME] = self._targets(output_selection, n, feeds)
         results = dict(zip(self.output_names, self.session.run(None, feeds)))
-        relevance = results.pop(RELEVANCE_NAME)
+        relevance = results.pop(self.relevance_name)
         output = results.pop(self.explained_output)
         scores = output if self.position is None else output[:, self.position]
-        selection = np.asarray(feeds.get(TARGET_NAME, np.argmax(scores.reshape(n, -1), axis=1)))
+        best = np.argmax(scores.reshape(n, -1), axis=1)
+        selection = best if TARGET_NAME not in feeds else np.where(feeds[TARGET_NAME] < 0, best, feeds[TARGET_NAME])
+        unexplained = np.flatnonzero(~np.isfinite(relevance.reshape(len(relevance), -1)).all(axis=1))
+        if unexplained.size:
+            warnings.warn(RelevanceWarning(
+                f"the relevance of sample(s) {_list(unexplained)} is not finite: their values overflow float32 "
+                "on the way through the model"), stacklevel=2)
         if FEATURES_NAME in results:
             results["features"] = results.pop(FEATURES_NAME)
         return Explanation(relevance, output, selection, analyzer=self.name, extras=results)
 
     name = "LRP"
+
+    def _targets(self, output_selection, n: int, feeds: dict) -> np.ndarray:
+        """One class per sample; a negative entry means the arg-max."""
+        target = np.asarray(output_selection)
+        if target.dtype.kind not in "iu" or target.ndim > 1:
+            raise TargetError(f"targets must be integer class indices (one, or one per sample), got {output_selection!r}")
+        target = target.reshape(-1).astype(np.int64)
+        if target.size == 1 and n > 1:
+            target = np.repeat(target, n)
+        if target.size != n:
+            raise TargetError(f"{target.size} targets for a batch of {n}")
+        classes = self._classes({name: value[:1] for name, value in feeds.items()})
+        bad = target[target >= classes]
+        if bad.size:
+            raise TargetError(f"target {int(bad[0])} is out of range for {classes} classes (0..{classes - 1}; "
+                              "negative: the arg-max)")
+        return target
 
     def _classes(self, sample_feeds: dict) -> int:
         """Number of classes of the explained output (static shape, else one probe run);
@@ -190,10 +203,14 @@ class LRP:
     def _check_input(self, input) -> np.ndarray:
         meta = next(i for i in self.session.get_inputs() if i.name == self.input_name)
         dtype = _numpy_type(meta.type)
+        if np.iscomplexobj(input):
+            raise InputError("the input holds complex numbers; the model takes real ones")
         try:
-            x = np.asarray(input, dtype=dtype)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"input cannot be converted to {meta.type}: {exc}") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # numpy's overflow/precision warnings are refusals here
+                x = np.asarray(input, dtype=dtype)
+        except (TypeError, ValueError, OverflowError, RuntimeWarning) as exc:
+            raise InputError(f"the input cannot be converted to {meta.type}: {exc}") from None
         if x.ndim == 0 or x.shape[0] == 0:
             raise InputError(f"input has shape {x.shape}: an empty batch")
         if x.ndim != len(meta.shape):
@@ -201,6 +218,10 @@ class LRP:
         for got, want in zip(x.shape, meta.shape):
             if isinstance(want, int) and want != got:
                 raise InputError(f"input has shape {x.shape}; the model expects {_show(meta.shape)}")
+        if x.dtype.kind == "f":
+            bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+            if bad.size:
+                raise InputError(f"sample(s) {_list(bad)} of the input hold NaN or infinite values")
         return x
 
 
@@ -227,6 +248,15 @@ class CRP(LRP):
 
     def __repr__(self) -> str:
         return f"CRP(layer={self.layer!r}, features={self.features!r})"
+
+
+class RelevanceWarning(UserWarning):
+    """Some samples got non-finite relevance (their values overflow inside the model)."""
+
+
+def _list(indices, limit: int = 10) -> str:
+    shown = ", ".join(str(int(i)) for i in indices[:limit])
+    return shown + (f" and {len(indices) - limit} more" if len(indices) > limit else "")
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,

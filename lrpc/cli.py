@@ -78,9 +78,10 @@ def cmd_compile(args) -> int:
 
     if (args.crp_layer is None) != (args.features is None):
         raise LrpcError("--crp-layer and --features go together")
+    composite = _composite_from_args(args)  # a typo in it first, then the place, then the work
     _check_writable(out)
     model = compile_file(
-        args.model, out, _composite_from_args(args),
+        args.model, out, composite,
         max_constant_bytes=args.max_constant_bytes,
         input_name=args.input_name, output_name=args.output_name,
         normalize_output_relevance=not args.no_normalize_output_relevance,
@@ -181,7 +182,7 @@ def _heatmap_pngs(relevance, batch, shown, spec, args) -> list:
     gets its heatmap resized back, so the heatmap's pixels are the input file's pixels."""
     from PIL import Image
 
-    from .heatmap import encode_png, heatmap, overlay_image
+    from .heatmap import blend_over, encode_png, heatmap
 
     if relevance.ndim not in (3, 4):
         return [None] * len(batch)
@@ -189,12 +190,13 @@ def _heatmap_pngs(relevance, batch, shown, spec, args) -> list:
                      channels_last=spec.layout == "nhwc")
     pngs = []
     for i, (image, sample) in enumerate(zip(images, batch)):
+        picture = Image.fromarray(image)  # stays a Pillow image: one copy at the file's size, not several
         if sample.is_image and image.shape[:2] != sample.image_size:
             h, w = sample.image_size
-            image = np.asarray(Image.fromarray(image).resize((w, h), Image.NEAREST))
+            picture = picture.resize((w, h), Image.NEAREST)
         if args.overlay:
-            image = overlay_image(image, shown[i], args.alpha)
-        pngs.append(encode_png(image, args.heatmap_scale))
+            picture = blend_over(picture, shown[i], args.alpha)
+        pngs.append(encode_png(picture, args.heatmap_scale))
     return pngs
 
 
@@ -502,12 +504,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with lrpc's error convention: one line on stderr, exit code 2 (``-h`` shows usage)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"lrpc: error: {self.prog.removeprefix('lrpc ')}: {message} (see lrpc -h)\n"
+                  if self.prog != "lrpc" else f"lrpc: error: {message} (see lrpc -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="lrpc", description="LRP attribution compiler for ONNX models")
+    parser = _Parser(prog="lrpc", description="LRP attribution compiler for ONNX models")
     parser.add_argument("--version", action="version", version=f"lrpc {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("compile", help="write MODEL.lrp.onnx: the model's outputs plus 'relevance'")
     _add_model_options(p)
@@ -580,7 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import LrpcError, UnsupportedModelError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # -h, --version (0) or a usage error already printed (2)
+        return int(exc.code or 0)
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     try:

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper
@@ -167,7 +168,15 @@ def atomic_path(path):
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    """From shapes and types: reading a tensor's data would copy it."""
+    total = 0
+    for t in model.graph.initializer:
+        try:
+            size = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            size = 4
+        total += int(np.prod(t.dims, dtype=np.float64)) * size
+    return total
 
 
 @contextlib.contextmanager

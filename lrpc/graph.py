@@ -13,6 +13,7 @@ import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from .files import LARGE_INITIALIZER_BYTES
 
@@ -90,20 +91,28 @@ class Program:
 
     def to_model(self, light: bool = False) -> onnx.ModelProto:
         """The graph as a ModelProto; ``light``: large weights become typed graph inputs
-        (for shape inference, which needs their shapes only, at any model size)."""
+        (for the checker and shape inference, which need their shapes only, at any size).
+
+        Large weights are exported apart from the rest and copied in whole: onnx's
+        ``make_graph`` would serialize and parse each of them again (4x slower per GiB)."""
         self.unfuse()
         self.graph.opset = self.opset
-        if light:
-            return self._light_model()
-        model = gs.export_onnx(self.graph, do_type_check=False)
+        large = [t for t in self.graph.tensors().values()
+                 if isinstance(t, gs.Constant) and t.values.nbytes > LARGE_INITIALIZER_BYTES]
+        listed = {t.name for t in self.graph.inputs}
+        model = self._export_as_inputs(large)
+        if not light:
+            keep = [i for i in model.graph.input if i.name in listed or i.name not in {t.name for t in large}]
+            del model.graph.input[:]
+            model.graph.input.extend(keep)
+            for t in large:
+                model.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.asarray(t.values), t.name))
         # IR 4 is the first that lets initializers stay out of the graph inputs, which is
         # how onnx-graphsurgeon writes them (old files listed weights as inputs).
         model.ir_version = min(max(self.ir_version, _min_ir_for(model), 4), MAX_IR_VERSION)
         return model
 
-    def _light_model(self) -> onnx.ModelProto:
-        large = [t for t in self.graph.tensors().values()
-                 if isinstance(t, gs.Constant) and t.values.nbytes > LARGE_INITIALIZER_BYTES]
+    def _export_as_inputs(self, large: list) -> onnx.ModelProto:
         saved = [(t, t.values) for t in large]
         inputs = list(self.graph.inputs)
         try:
@@ -112,7 +121,7 @@ class Program:
                 t.type = "tensor_type"  # to_variable leaves out what export_onnx reads
                 if t not in self.graph.inputs:
                     self.graph.inputs.append(t)
-            return self.to_model()
+            return gs.export_onnx(self.graph, do_type_check=False)
         finally:
             for t, values in saved:
                 t.to_constant(values)

@@ -107,8 +107,8 @@ def colorize(scaled: np.ndarray, colormap=DEFAULT_COLORMAP) -> np.ndarray:
 
 
 def _overlay_base(image) -> np.ndarray:
-    """An input image as float RGB [H, W, 3] in [0, 1]: uint8 is divided by 255, floats already
-    in [0, 1] stay, anything else (normalized inputs) is stretched over its own min..max."""
+    """An input image as uint8 RGB [H, W, 3]: uint8 stays, floats already in [0, 1] are
+    times 255, anything else (normalized inputs) is stretched over its own min..max."""
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
@@ -119,29 +119,38 @@ def _overlay_base(image) -> np.ndarray:
     else:
         raise LrpcError(f"overlay images must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got shape {a.shape}")
     if a.dtype == np.uint8:
-        return a / 255.0
+        return np.ascontiguousarray(a)
     try:
-        a = a.astype(np.float64)
+        a = a.astype(np.float32)
     except (TypeError, ValueError):
         raise LrpcError("the overlay image must be numeric") from None
     if not np.isfinite(a).all():
         raise LrpcError("the overlay image contains NaN or infinite values")
     lo, hi = a.min(), a.max()
-    if lo >= 0 and hi <= 1:
-        return a
-    return (a - lo) / (hi - lo) if hi > lo else np.full_like(a, 0.5)
+    if not (lo >= 0 and hi <= 1):
+        a = (a - lo) / (hi - lo) if hi > lo else np.full_like(a, 0.5)
+    return (a * 255).round().astype(np.uint8)
 
 
 def overlay_image(heat: np.ndarray, image, alpha: float = 0.5) -> np.ndarray:
     """Blend a uint8 RGB heatmap [H, W, 3] over ``image`` (same H×W): ``alpha`` is the heatmap's weight."""
     if not 0.0 <= alpha <= 1.0:
         raise LrpcError(f"alpha must lie in [0, 1], got {alpha}")
+    from PIL import Image
+
+    return np.asarray(blend_over(Image.fromarray(np.ascontiguousarray(heat, dtype=np.uint8)), image, alpha))
+
+
+def blend_over(heat, image, alpha: float = 0.5):
+    """``overlay_image`` on a Pillow heatmap, returning a Pillow image: blended in uint8 by
+    Pillow, so a large picture is never copied to floats."""
+    from PIL import Image
+
     base = _overlay_base(image)
-    if base.shape[:2] != heat.shape[:2]:
+    if base.shape[:2] != (heat.height, heat.width):
         raise LrpcError(f"the overlay image is {base.shape[0]}x{base.shape[1]} but the heatmap is "
-                        f"{heat.shape[0]}x{heat.shape[1]} (H x W)")
-    blended = (1.0 - alpha) * base + alpha * (heat / 255.0)
-    return (blended * 255).round().clip(0, 255).astype(np.uint8)
+                        f"{heat.height}x{heat.width} (H x W)")
+    return Image.blend(Image.fromarray(base), heat.convert("RGB"), alpha)
 
 
 def _overlay_samples(overlay, relevance: np.ndarray, channels_last: bool) -> list[np.ndarray]:
@@ -188,13 +197,14 @@ def heatmap(
     return images
 
 
-def encode_png(image: np.ndarray, scale: int = 1) -> bytes:
-    """PNG bytes of an RGB image, nearest-neighbour upscaled by ``scale`` (pixels stay sharp)."""
+def encode_png(image, scale: int = 1) -> bytes:
+    """PNG bytes of an RGB image (array or PIL image), nearest-neighbour upscaled by
+    ``scale`` (pixels stay sharp)."""
     from PIL import Image
 
     if scale < 1:
         raise LrpcError(f"the heatmap scale must be at least 1, got {scale}")
-    img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     buffer = io.BytesIO()

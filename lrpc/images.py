@@ -198,7 +198,8 @@ def _plan_image(path: Path, spec: ModelInput, prep: Preprocess) -> Sample:
 
     channels = _image_channels(spec, prep)
     try:
-        with _bounded(prep.max_pixels, path), Image.open(path) as img:  # reads the header only
+        # the header only; its size is checked against the limit just below, in lrpc's words
+        with _bounded(None, path), Image.open(path) as img:
             size = _oriented_size(img)
     except InputError:
         raise
@@ -250,7 +251,7 @@ def _too_large(path: Path, pixels: int, limit: int) -> InputError:
 
 
 @contextlib.contextmanager
-def _bounded(limit: int, path: Path):
+def _bounded(limit: int | None, path: Path):
     """Pillow's decompression-bomb guard set to lrpc's limit, its warning and error turned
     into lrpc's one-line refusal."""
     from PIL import Image
@@ -262,7 +263,7 @@ def _bounded(limit: int, path: Path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: too many pixels for --max-image-pixels {limit:,} ({exc})") from None
+        raise InputError(f"{path}: too many pixels for --max-image-pixels {limit or 0:,} ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 
@@ -280,7 +281,9 @@ def _read_image(path: Path, grayscale: bool, max_pixels: int, reduce_to: tuple[i
             img.load()
             if img.mode == "P":
                 img = img.convert("RGBA")  # Pillow warns when a palette with transparency skips this step
-            return ImageOps.exif_transpose(img).convert("L" if grayscale else "RGB")
+            ImageOps.exif_transpose(img, in_place=True)
+            mode = "L" if grayscale else "RGB"
+            return img if img.mode == mode else img.convert(mode)  # a copy only when needed
     except InputError:
         raise
     except Exception as exc:  # truncated data surfaces only here, when decoding

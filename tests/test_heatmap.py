@@ -175,7 +175,8 @@ def test_overlay_blends_by_alpha():
     relevance = np.array([[[[-4.0, 0.0], [2.0, 4.0]]]])
     black = np.zeros((1, 1, 2, 2), dtype=np.uint8)
     half = heatmap(relevance, overlay=black, alpha=0.5)[0]
-    np.testing.assert_array_equal(half, (heatmap(relevance)[0] / 2).round().astype(np.uint8))
+    # Pillow blends in integers and truncates: within one level of the rounded value
+    np.testing.assert_allclose(half, (heatmap(relevance)[0] / 2).round(), atol=1)
 
 
 def test_overlay_in_channels_last_layout_rgb():

@@ -427,6 +427,31 @@ def test_user_errors_exit_2_with_one_line(cli, tmp_path):
         assert result.code == 2 and needle in result.err and len(result.err_lines) == 1, (args, result.err)
 
 
+@pytest.mark.parametrize("where", ["missing", "outside", "absolute", "symlink"])
+def test_external_data_onnx_refuses_is_a_user_error(cli, tmp_path, where):
+    """onnx refuses data outside the model's folder, absolute paths and links (rightly):
+    said in one line as the user's problem."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    outside = tmp_path / "outside.bin"
+    np.ones((64, 3), np.float32).tofile(outside)
+    (folder / "link.bin").symlink_to(outside)
+    location = {"missing": "nothere.bin", "outside": "../outside.bin", "absolute": str(outside),
+                "symlink": "link.bin"}[where]
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[64, 3])
+    weight.data_location = TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", location
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [weight])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, folder / "m.onnx")
+    result = cli("compile", folder / "m.onnx", "-o", tmp_path / "out.onnx")
+    assert result.code == 2 and "its external data cannot be read" in result.err and len(result.err_lines) == 1
+
+
 def _tiny(dtype=TensorProto.FLOAT, opset=17, input_name="x", output_name="logits", extra_input=False):
     nodes = [helper.make_node("Relu", [input_name], ["h"]), helper.make_node("Flatten", ["h"], [output_name])]
     inputs = [helper.make_tensor_value_info(input_name, dtype, ["N", 4, 2])]

@@ -22,6 +22,7 @@ from .registry import KNOWN_ACTIVATION_NAMES
 from .spec import RECURRENT
 
 SUPPORTED = "supported"
+NOT_A_NETWORK = "not a network"
 
 
 @dataclass
@@ -83,6 +84,9 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
             if node.op in KNOWN_ACTIVATION_NAMES:
                 reason = f"unsupported or unknown activation function {node.op}"
                 kind = "activation"
+            elif node.domain == "ai.onnx.ml":
+                reason = f"LRP explains neural networks; {node.op} (ai.onnx.ml) is not a neural-network layer"
+                kind = NOT_A_NETWORK
             elif node.op in RECURRENT:
                 reason = "recurrent layers (LSTM, GRU, RNN) are not supported"
                 kind = "recurrent"
@@ -116,6 +120,9 @@ def raise_if_unsupported(report: CheckReport, verbose: bool = True) -> None:
     if report.ok:
         return
     n = len(report.failures)
+    if all(r.kind == NOT_A_NETWORK for r in report.failures):
+        ops = ", ".join(sorted({r.op_type for r in report.failures}))
+        raise UnsupportedModelError(f"LRP explains neural networks; this model is a {ops} (ai.onnx.ml), not one")
     summary = (
         f"LRP model check failed: {n} node{'s' if n != 1 else ''} lrpc cannot propagate relevance through. "
         "LRP assumes a deep rectifier network; register new ops with lrpc.register_layer / "

@@ -14,12 +14,13 @@ from onnx import numpy_helper
 from . import __version__
 from .check import CheckReport, check_layers, raise_if_unsupported
 from .composites import Composite, EpsilonPlusFlat
-from .emit import TARGET_NAME, ConceptSpec, emit_relevance
+from .emit import REGION_NAME, TARGET_NAME, ConceptSpec, emit_relevance
 from .errors import LrpcError
 from .files import check, load_model, save_model
 from .graph import Program
 from .layers import LayerTable, find_layers
 from .passes import canonize
+from .passes.names import name_from_scopes
 from .spec import Layer
 from .rules import Rule
 
@@ -81,7 +82,7 @@ def analyze_model(
     composite = _as_composite(composite)
     proto = load_model(model)
     _refuse_compiled(proto)
-    program = Program.from_model(proto)
+    program = name_from_scopes(Program.from_model(proto), proto)
     program = canonize(program, input_name=input_name, output_name=output_name, position=position,
                        split_layernorms=split_layernorm, max_constant_bytes=max_constant_bytes)
     table = find_layers(program)
@@ -164,6 +165,8 @@ def emit_model(
     emitted = emit_relevance(program, analysis.table, analysis.rules, normalize_output_relevance,
                              relevance_at=watched, concept=concept)
     graph.inputs.append(emitted.target)
+    if emitted.region is not None:
+        graph.inputs.append(emitted.region)
     graph.outputs.append(emitted.relevance)
     graph.outputs.extend(emitted.extra_outputs)
     program.unfuse()  # before cleanup: fused patterns may own the only reader of a tensor
@@ -173,8 +176,13 @@ def emit_model(
     keep = [vi for vi in out.graph.value_info if not vi.name.startswith("lrp/")]
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep)
-    # lrp_target defaults to [-1] ("explain the arg-max") so callers may omit it.
-    out.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_NAME))
+    # lrp_target defaults to [-1] ("explain the arg-max") so callers may omit it; a dense
+    # output's region to all ones (the whole output counts unless the caller marks a part)
+    defaults = [numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_NAME)]
+    if emitted.region is not None:
+        ones = np.ones([1] * len(emitted.region.shape), dtype=np.dtype(emitted.region.dtype))
+        defaults.append(numpy_helper.from_array(ones, REGION_NAME))
+    out.graph.initializer.extend(defaults)
     meta = {
         "lrpc.version": __version__,
         "lrpc.relevance": emitted.relevance.name,
@@ -186,6 +194,7 @@ def emit_model(
         "lrpc.normalize_output_relevance": str(bool(normalize_output_relevance)).lower(),
         "lrpc.rules": "; ".join(f"{layer.index}:{layer.name}={rule!r}" for layer, rule in analysis.layer_rules()),
     }
+    meta["lrpc.layout"] = program.layout
     if program.position is not None:
         meta["lrpc.position"] = str(program.position)
     if concept is not None:
@@ -195,7 +204,7 @@ def emit_model(
         entry.key, entry.value = key, value
     try:
         light = program.to_model(light=True)  # the checker needs shapes, not weights
-        light.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_NAME))
+        light.graph.initializer.extend(defaults)
         check(light, "compiled model", full=True)
     except LrpcError as exc:  # a bug in lrpc, not in the user's model
         raise LrpcError(f"internal error: the compiled model fails the ONNX checker: {exc}") from None

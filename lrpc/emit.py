@@ -25,6 +25,7 @@ from .symbolic import Emitter, Sym, add_all
 
 TARGET_NAME = "lrp_target"
 RELEVANCE_NAME = "relevance"
+REGION_NAME = "lrp_region"
 FEATURES_NAME = "crp_features"
 RELEVANCE_AT_PREFIX = "relevance_at:"
 
@@ -36,6 +37,7 @@ class Emitted:
     target: gs.Variable
     relevance: gs.Variable
     extra_outputs: list[gs.Variable] = field(default_factory=list)
+    region: gs.Variable | None = None  # dense outputs: where the explained channel counts
 
 
 @dataclass
@@ -66,7 +68,11 @@ def emit_relevance(
     target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_batch"])
     backward = _Backward(em, rules, {t.name for t in relevance_at})
 
-    start = _output_relevance(em, logits, target, normalize_output_relevance, program.position)
+    region = None
+    if program.layout == "dense":
+        rank = len(static_shape(logits))
+        region = gs.Variable(REGION_NAME, dtype=dtype, shape=["lrp_region_batch", 1, *[f"r{i}" for i in range(rank - 2)]])
+    start = _output_relevance(em, logits, target, normalize_output_relevance, program, region)
     pending: dict[str, list[Sym]] = {logits.name: [start]}
     extra: list[gs.Variable] = []
     if concept is None:
@@ -99,7 +105,7 @@ def emit_relevance(
         rank = len(tensor.shape) if tensor.shape is not None else 0
         shape = [f"d{i}" for i in range(rank)] if rank else None
         extra.append(_named_output(graph, captured.value, RELEVANCE_AT_PREFIX + tensor.name, dtype, shape))
-    return Emitted(target, relevance, extra)
+    return Emitted(target, relevance, extra, region)
 
 
 def _named_output(graph: gs.Graph, value, name: str, dtype, shape) -> gs.Variable:
@@ -182,12 +188,26 @@ def _clone_below(program: Program, table: LayerTable, x, x_tiled, at: gs.Tensor)
     return clones, _ClonedTable(by_node, carriers, names, {v: k for k, v in names.items()})
 
 
-def _output_relevance(em: Emitter, logits, target, normalize: bool, position: int | None) -> Sym:
+def _output_relevance(em: Emitter, logits, target, normalize: bool, program: Program, region=None) -> Sym:
     """One-hot of the explained class per sample; a negative target means the arg-max.
 
-    Outputs shaped ``[N, K, 1, 1]`` (or any ``[N, ...]``) are explained over their
-    flattened classes; sequence outputs ``[N, T, V]`` at one position, over ``V``.
+    ``flat`` outputs (``[N, K]``, ``[N, K, 1, 1]``) are explained over their flattened
+    classes; ``sequence`` outputs ``[N, T, V]`` at one position, over ``V``; ``dense``
+    outputs ``[N, K, H, W]`` as channel K summed over the region (``lrp_region``, all
+    positions by default): every position of the channel inside it starts with relevance.
     """
+    position = program.position
+    if program.layout == "dense":
+        rank = len(static_shape(logits))
+        weighted = em.sym(logits) * em.sym(region)
+        scores = em.op("ReduceSum", [weighted, em.ints(range(2, rank))], {"keepdims": 0}, dtype=em.dtype)
+        classes = _dim(em, scores, 1)
+        chosen = _chosen(em, scores, target)
+        onehot = em.sym(_one_hot(em, chosen, classes)) + _nan_if_out_of_range(em, chosen, classes)
+        mask = em.sym(em.op("Reshape", [onehot, em.ints([0, -1] + [1] * (rank - 2))], dtype=em.dtype)) * em.sym(region)
+        if not normalize:
+            return mask * em.sym(logits)
+        return em.sym(em.op("Expand", [mask, em.shape_of(logits)], dtype=em.dtype))  # shaped like the output
     if position is None:
         scores = em.op("Flatten", [logits], {"axis": 1}, dtype=em.dtype)
     else:

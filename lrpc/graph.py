@@ -41,16 +41,22 @@ class Program:
     explained_name: str = ""  # the tensor whose relevance is reported (the input, or its embedding)
     output_name: str = ""  # the model output whose class is explained
     start_name: str = ""  # tensor where relevance starts (logits)
+    layout: str = "flat"  # how a target picks the explained logit: flat | sequence | dense
     position: int | None = None  # sequence outputs [N, T, V]: the explained position
     notes: list[str] = field(default_factory=list)
     # fused node -> the original nodes with their inputs and outputs (see fuse())
     fused: dict[int, list[tuple[gs.Node, list, list]]] = field(default_factory=dict)
+    output_types: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> "Program":
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         graph = gs.import_onnx(model)
-        return cls(graph=graph, ir_version=model.ir_version, opset=opset)
+        program = cls(graph=graph, ir_version=model.ir_version, opset=opset)
+        # onnx-graphsurgeon writes any non-tensor output as a sequence of tensors; keep the
+        # original types (ZipMap's sequence of maps) to put back on export
+        program.output_types = {o.name: _copy(o) for o in model.graph.output if not o.type.HasField("tensor_type")}
+        return program
 
     # -- fusion: exporter patterns seen as one op, restored before export ------------------
     def fuse(self, nodes: list[gs.Node], op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
@@ -107,6 +113,9 @@ class Program:
             model.graph.input.extend(keep)
             for t in large:
                 model.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.asarray(t.values), t.name))
+        for i, out in enumerate(model.graph.output):
+            if out.name in self.output_types:
+                model.graph.output[i].CopyFrom(self.output_types[out.name])
         # IR 4 is the first that lets initializers stay out of the graph inputs, which is
         # how onnx-graphsurgeon writes them (old files listed weights as inputs).
         model.ir_version = min(max(self.ir_version, _min_ir_for(model), 4), MAX_IR_VERSION)
@@ -134,6 +143,12 @@ class Program:
     def runtime_inputs(self) -> list[gs.Variable]:
         """Graph inputs that are real inputs (old files also list their weights as inputs)."""
         return [t for t in self.graph.inputs if not isinstance(t, gs.Constant)]
+
+
+def _copy(message):
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
 
 
 def _min_ir_for(model: onnx.ModelProto) -> int:
@@ -198,12 +213,13 @@ def static_shape(tensor) -> tuple | None:
 def dtype_kind(tensor) -> str | None:
     """numpy's kind letter of the tensor's dtype (``"f"``, ``"i"``, ``"b"``, ...); None if unknown."""
     dtype = getattr(tensor, "dtype", None)
-    if dtype is None:
-        return None
+    if dtype is None or getattr(tensor, "type", "tensor_type") != "tensor_type":
+        return None if dtype is None else "?"
     try:
         return np.dtype(dtype).kind
-    except TypeError:  # an ONNX type numpy lacks (bfloat16, float8): still a float
-        return "f"
+    except TypeError:  # an ONNX type numpy lacks: bfloat16 and the float8s are floats
+        return "f" if isinstance(dtype, int) and dtype != 0 and "FLOAT" in onnx.TensorProto.DataType.Name(dtype) \
+            else "?"
 
 
 def is_float(tensor) -> bool:

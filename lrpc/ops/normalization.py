@@ -40,12 +40,23 @@ def _bn_check(node: gs.Node, acts: list[int]) -> str | None:
     return first_input_only(node, acts)
 
 
-def _bn_forward(em, layer, inputs, params):
+def affine_forward(em, layer, inputs, params):
+    """``x · weight + bias`` with parameters an op holds in another form (BatchNorm's
+    statistics, scikit-learn's Scaler attributes)."""
     return inputs[0] * params["weight"] + params["bias"]
 
 
-def _bn_vjp(em, layer, inputs, params, s):
+def affine_vjp(em, layer, inputs, params, s):
     return [s * params["weight"]]
+
+
+def _scaler_params(node: gs.Node, acts: list[int]):
+    """scikit-learn's ``StandardScaler`` as skl2onnx writes it: ``Scaler(x) = (x − offset)·scale``."""
+    scale = np.asarray(node.attrs.get("scale", [1.0]), dtype=np.float32)
+    offset = np.asarray(node.attrs.get("offset", [0.0]), dtype=np.float32)
+    name = node.outputs[0].name
+    return {"weight": gs.Constant(f"{name}/lrp_weight", scale),
+            "bias": gs.Constant(f"{name}/lrp_bias", (-offset * scale).astype(np.float32))}
 
 
 # -- LRN, InstanceNorm: the whole normalizing factor held constant -----------------------
@@ -163,8 +174,9 @@ def _softmax_check(node: gs.Node, acts: list[int]) -> str | None:
 
 
 SPECS = [
-    OpSpec("BatchNormalization", Kind.NORMALIZATION, _bn_vjp, forward=_bn_forward, params=_bn_params,
+    OpSpec("BatchNormalization", Kind.NORMALIZATION, affine_vjp, forward=affine_forward, params=_bn_params,
            route=identity_route, check=_bn_check),
+    OpSpec("Scaler", Kind.AFFINE, affine_vjp, forward=affine_forward, params=_scaler_params, check=first_input_only),
     _factor_held("LRN"),
     _factor_held("InstanceNormalization"),
     _statistic_held("LayerNormalization", _layernorm_forward, _layernorm_vjp),

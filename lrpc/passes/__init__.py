@@ -19,14 +19,14 @@ from .constants import fold_constants
 from .functions import inline_functions
 from .fusion import fuse_gelu, fuse_hardswish, fuse_layernorm, fuse_lrn, fuse_rmsnorm, fuse_silu
 from .identity import remove_identity
-from .io import choose_position, select_input, strip_softmax
+from .io import choose_layout, select_input, strip_softmax
 from .layernorm import split_layernorm
 from .opset import upgrade_opset
 from .shapes import infer_shapes
 
 __all__ = [
     "canonize",
-    "choose_position",
+    "choose_layout",
     "constant_arithmetic_to_affine",
     "fold_constants",
     "fuse_affine",
@@ -61,7 +61,7 @@ def canonize(program: Program, input_name: str | None = None, output_name: str |
     program = infer_shapes(program)
     program = select_input(program, input_name)
     program = strip_softmax(program, output_name)
-    program = choose_position(program, position)
+    program = choose_layout(program, position)
     if split_layernorms:
         program = split_layernorm(program)
     # pattern fusion comes last: fused nodes live only until the compiled model is written

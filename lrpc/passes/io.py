@@ -88,37 +88,96 @@ def embedding_lookups(x: gs.Tensor) -> list[gs.Node]:
     return found
 
 
-def _default_output(outputs):
-    """The first floating-point output of rank >= 2 (scores, not a label), else the first."""
-    for t in outputs:
-        dtype = np.dtype(t.dtype) if t.dtype is not None else None
-        if (dtype is None or dtype.kind == "f") and (t.shape is None or len(t.shape) >= 2):
+def _is_scores(t) -> bool:
+    """A floating-point tensor output of rank >= 2 (scores, not a label or a map)."""
+    return getattr(t, "type", "tensor_type") == "tensor_type" and dtype_kind(t) in (None, "f") and (
+        t.shape is None or len(t.shape) >= 2)
+
+
+def _default_output(graph):
+    """The first floating-point output of rank >= 2; failing that, the scores a ZipMap
+    turns into a map (scikit-learn's classifiers), which then become an output too."""
+    for t in graph.outputs:
+        if _is_scores(t):
             return t
-    return outputs[0]
+    for t in graph.outputs:
+        producer = t.inputs[0] if len(t.inputs) == 1 else None
+        if producer is not None and producer.op == "ZipMap" and producer.inputs:
+            scores = producer.inputs[0]
+            if scores not in graph.outputs:
+                graph.outputs.append(scores)
+            return scores
+    names = ", ".join(f"{t.name!r}" for t in graph.outputs)
+    raise LrpcError(f"no output holds scores to explain (floating-point, [batch, classes, ...]): {names}")
+
+
+#: output normalizations: relevance starts at their input, the logits
+NORMALIZERS = {"Softmax", "LogSoftmax", "Sigmoid"}
+#: ops that only rearrange values between the normalization and the output
+_ORDERING = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
 
 
 def strip_softmax(program: Program, output: str | None = None) -> Program:
+    """Relevance starts at the logits: before a final Softmax, LogSoftmax or Sigmoid, also
+    when only shape ops (Flatten, Reshape, Squeeze, Transpose, Identity) follow it. Those
+    shape ops are repeated on the logits, so the start has the output's layout and a
+    target means the same class in both."""
     graph = program.graph
     names = [t.name for t in graph.outputs]
     if output is not None and output not in names:
         raise LrpcError(f"output {output!r} not found; the model's outputs are {names}")
-    tensor = graph.outputs[names.index(output)] if output else _default_output(graph.outputs)
+    if output is not None and not _is_scores(graph.outputs[names.index(output)]):
+        raise LrpcError(f"output {output!r} holds no scores (floating-point, [batch, classes, ...])")
+    tensor = graph.outputs[names.index(output)] if output else _default_output(graph)
     program.output_name = tensor.name
-    while len(tensor.inputs) == 1 and tensor.inputs[0].op in SOFTMAX | {"Identity"}:
-        node = tensor.inputs[0]
-        tensor = node.inputs[0]
-        if node.op in SOFTMAX:
-            program.notes.append(f"relevance starts at {tensor.name!r}, before {node.op} {node.name!r}")
+    chain, current = [], tensor
+    while len(current.inputs) == 1 and current.inputs[0].op in _ORDERING | NORMALIZERS:
+        node = current.inputs[0]
+        if node.op in NORMALIZERS:
+            logits = node.inputs[0]
+            program.notes.append(f"relevance starts at {logits.name!r}, before {node.op} {node.name!r}")
+            program.start_name = _replay(graph, list(reversed(chain)), logits).name
+            return program
+        chain.append(node)
+        current = node.inputs[0]
     program.start_name = tensor.name
     return program
 
 
-def choose_position(program: Program, position: int | None = None) -> Program:
-    """Sequence outputs ``[N, T, V]`` are explained at one position (default: the last,
-    where a language model predicts the next token); other outputs take none."""
-    start = program.graph.tensors()[program.start_name]
+def _replay(graph, nodes: list, tensor):
+    """``nodes`` (shape ops) applied again to ``tensor``; returns the last output."""
+    nodes = [n for n in nodes if n.op != "Identity"]
+    for node in nodes:
+        out = node.outputs[0]
+        copy = gs.Variable(f"{out.name}/logits", dtype=tensor.dtype, shape=out.shape)
+        graph.nodes.append(gs.Node(node.op, name=f"{node.name or node.op}/logits", attrs=dict(node.attrs),
+                                   inputs=[tensor, *node.inputs[1:]], outputs=[copy]))
+        tensor = copy
+    if nodes:
+        graph.toposort()
+    return tensor
+
+
+def choose_layout(program: Program, position: int | None = None) -> Program:
+    """How a target picks the explained logit (``program.layout``):
+
+    - ``flat``: outputs ``[N, K]`` or ``[N, K, 1, ...]``: class K;
+    - ``sequence``: ``[N, T, V]`` of a sequence model (its explained tensor is
+      ``[N, T, ...]``, or ``position`` is given): entry V at one position (default the last);
+    - ``dense``: any other ``[N, K, ...]`` (segmentation, detection maps): channel K summed
+      over all positions, or over the region the caller gives (``lrp_region``).
+    """
+    tensors = program.graph.tensors()
+    start = tensors[program.start_name]
     shape = static_shape(start)
-    if shape is not None and len(shape) == 3:
+    rank = len(shape) if shape is not None else 2
+    if rank <= 2 or all(d == 1 for d in shape[2:]):
+        program.layout = "flat"
+    elif rank == 3 and (position is not None or _same_positions(start.shape, tensors[program.explained_name].shape)):
+        program.layout = "sequence"
+    else:
+        program.layout = "dense"
+    if program.layout == "sequence":
         position = -1 if position is None else int(position)
         length = shape[1]
         if length is not None and not -length <= position < length:
@@ -128,3 +187,10 @@ def choose_position(program: Program, position: int | None = None) -> Program:
         raise LrpcError(f"a position applies to sequence outputs [batch, positions, classes]; "
                         f"{program.output_name!r} has shape {list(shape) if shape else 'unknown'}")
     return program
+
+
+def _same_positions(out_shape, in_shape) -> bool:
+    """Output ``[N, T, V]`` over input ``[N, T, ...]`` (tokens, or their embedding): the same
+    length, or the same named dynamic axis."""
+    return (in_shape is not None and out_shape is not None and len(in_shape) >= 2 and in_shape[1] is not None
+            and in_shape[1] != "" and in_shape[1] == out_shape[1])

@@ -6,6 +6,7 @@ shapes and dtypes are written onto the graph's own tensors.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
@@ -13,7 +14,19 @@ from onnx import helper
 from ..graph import Program
 
 
+#: ops whose output has their input's shape, which ONNX's inference leaves unknown
+#: (scikit-learn's Scaler): filled in first, so inference continues past them
+SAME_SHAPE = {"Scaler"}
+
+
 def infer_shapes(program: Program) -> Program:
+    for node in program.graph.nodes:
+        if node.op in SAME_SHAPE and node.inputs and node.outputs and node.inputs[0].shape is not None:
+            out = node.outputs[0]
+            if out.shape is None:
+                out.shape = list(node.inputs[0].shape)
+            if out.dtype is None:
+                out.dtype = np.float32
     model = program.to_model(light=True)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)

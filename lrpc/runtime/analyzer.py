@@ -132,7 +132,7 @@ class LRP:
         feeds = {self.input_name: x, **self.other_feeds(x, extra_inputs)}
         if output_selection is not None:
             feeds[TARGET_NAME] = self._targets(output_selection, n, feeds)
-        results = dict(zip(self.output_names, self.session.run(None, feeds)))
+        results = dict(zip(self.output_names, self._run(feeds, n)))
         relevance = results.pop(self.relevance_name)
         output = results.pop(self.explained_output)
         scores = output if self.position is None else output[:, self.position]
@@ -148,6 +148,26 @@ class LRP:
         return Explanation(relevance, output, selection, analyzer=self.name, extras=results)
 
     name = "LRP"
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model was exported with, when it is not dynamic."""
+        meta = next(i for i in self.session.get_inputs() if i.name == self.input_name)
+        return meta.shape[0] if meta.shape and isinstance(meta.shape[0], int) else None
+
+    def _run(self, feeds: dict, n: int) -> list:
+        """One session run, or runs of the model's fixed batch size (the last one padded by
+        repeating its final sample), concatenated."""
+        size = self.fixed_batch
+        if size is None or size == n:
+            return self.session.run(None, feeds)
+        parts = []
+        for start in range(0, n, size):
+            rows = np.minimum(np.arange(start, start + size), n - 1)
+            chunk = {name: value[rows] if np.ndim(value) and np.shape(value)[0] == n else value
+                     for name, value in feeds.items()}
+            parts.append([out[:min(size, n - start)] for out in self.session.run(None, chunk)])
+        return [np.concatenate(outs) for outs in zip(*parts)]
 
     def _targets(self, output_selection, n: int, feeds: dict) -> np.ndarray:
         """One class per sample; a negative entry means the arg-max."""
@@ -215,7 +235,8 @@ class LRP:
             raise InputError(f"input has shape {x.shape}: an empty batch")
         if x.ndim != len(meta.shape):
             raise InputError(f"input has shape {x.shape}; the model expects {_show(meta.shape)}")
-        for got, want in zip(x.shape, meta.shape):
+        # a fixed batch size (an export without dynamic axes) is met by running in chunks
+        for got, want in list(zip(x.shape, meta.shape))[1:]:
             if isinstance(want, int) and want != got:
                 raise InputError(f"input has shape {x.shape}; the model expects {_show(meta.shape)}")
         if x.dtype.kind == "f":

@@ -16,6 +16,7 @@ from .rules import (  # noqa: E402
     AlphaBetaRule,
     ConstantGateRule,
     LayerNormRule,
+    MergeRule,
     TaylorRule,
     EpsilonRule,
     FlatRule,

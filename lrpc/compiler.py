@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def compile(
     position: int | None = None,
     split_layernorm: bool = False,
     max_constant_bytes: int | None = None,
+    report: bool = False,
+    labels: bool = False,
 ) -> onnx.ModelProto:
     """Compile ``model`` (path or ModelProto) into an ONNX model that also returns ``relevance``.
 
@@ -136,7 +139,10 @@ def compile(
     ``[N, T, V]`` (language models), the explained position (default -1, the last).
     ``split_layernorm``: split LayerNorm from its affine part so each takes its own rule.
     ``max_constant_bytes``: the most constant folding may materialize (default: the larger
-    of 256 MiB and the model's largest weight).
+    of 256 MiB and the model's largest weight). ``report``: also output the per-layer
+    relevance sums ``lrp_report`` (:class:`lrpc.report.ConservationReport`). ``labels``:
+    also output the class each row explains (``lrp_class``, the arg-max resolved) and its
+    logit (``lrp_logit``).
     """
     analysis = analyze_model(
         model, composite, input_name=input_name, output_name=output_name,
@@ -144,7 +150,7 @@ def compile(
         max_constant_bytes=max_constant_bytes,
     )
     return emit_model(analysis, normalize_output_relevance, relevance_at=relevance_at,
-                      crp_layer=crp_layer, features=features)
+                      crp_layer=crp_layer, features=features, report=report, labels=labels)
 
 
 def emit_model(
@@ -153,6 +159,8 @@ def emit_model(
     relevance_at=(),
     crp_layer=None,
     features=None,
+    report: bool = False,
+    labels: bool = False,
 ) -> onnx.ModelProto:
     program = analysis.program
     graph = program.graph
@@ -163,7 +171,7 @@ def emit_model(
         concept = ConceptSpec(find_layer(analysis, crp_layer), features)
     watched = [_relevance_point(analysis, ref) for ref in relevance_at]
     emitted = emit_relevance(program, analysis.table, analysis.rules, normalize_output_relevance,
-                             relevance_at=watched, concept=concept)
+                             relevance_at=watched, concept=concept, report=report, labels=labels)
     graph.inputs.append(emitted.target)
     if emitted.region is not None:
         graph.inputs.append(emitted.region)
@@ -197,6 +205,9 @@ def emit_model(
     meta["lrpc.layout"] = program.layout
     if program.position is not None:
         meta["lrpc.position"] = str(program.position)
+    if report:
+        meta["lrpc.report"] = json.dumps([[layer.index, layer.name, layer.op_type, repr(rule)]
+                                          for layer, rule in analysis.layer_rules()])
     if concept is not None:
         meta["lrpc.crp"] = f"{concept.layer.index}:{concept.layer.name} {concept.features!r}"
     for key, value in meta.items():

@@ -25,6 +25,7 @@ from .rules import (
     FlatRule,
     GammaRule,
     LayerNormRule,
+    MergeRule,
     PassRule,
     Rule,
     TaylorRule,
@@ -385,6 +386,13 @@ class Composite:
 
 
 # -- presets (RelevancePropagation.jl's, with ONNX op types) --------------------------
+
+
+def with_merge_epsilon(composite: "Composite", epsilon: float) -> "Composite":
+    """``composite`` with ``MergeRule(epsilon)`` on every merge (``--merge-epsilon``)."""
+    merged = Composite(*composite.primitives, GlobalTypeMap({MergeLayer: MergeRule(epsilon)}), default=composite.default)
+    merged.name = f"{composite!r} + MergeRule(epsilon={epsilon})"
+    return merged
 
 
 def _base_map(epsilon: float, conv_rule: Rule) -> dict:

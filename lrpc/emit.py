@@ -26,6 +26,9 @@ from .symbolic import Emitter, Sym, add_all
 TARGET_NAME = "lrp_target"
 RELEVANCE_NAME = "relevance"
 REGION_NAME = "lrp_region"
+LOGIT_NAME = "lrp_logit"
+CLASS_NAME = "lrp_class"
+REPORT_NAME = "lrp_report"
 FEATURES_NAME = "crp_features"
 RELEVANCE_AT_PREFIX = "relevance_at:"
 
@@ -55,8 +58,13 @@ def emit_relevance(
     normalize_output_relevance: bool = True,
     relevance_at: list[gs.Tensor] = (),
     concept: ConceptSpec | None = None,
+    report: bool = False,
+    labels: bool = False,
 ) -> Emitted:
-    """Append the backward pass; returns the new input and outputs."""
+    """Append the backward pass; returns the new input and outputs. ``report``: also the
+    per-layer relevance sums (``lrp_report``) that :class:`lrpc.report.ConservationReport`
+    reads. ``labels``: also the class each row explains and its logit (``lrp_class``,
+    ``lrp_logit``)."""
     graph = program.graph
     tensors = graph.tensors()
     x = tensors[program.explained_name]
@@ -66,15 +74,22 @@ def emit_relevance(
         raise LrpcError(f"input {x.name!r} has dtype {dtype}; lrpc explains floating-point inputs")
     em = Emitter(graph, dtype)
     target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_batch"])
-    backward = _Backward(em, rules, {t.name for t in relevance_at})
+    if report and concept is not None:
+        raise LrpcError("a conservation report is for LRP runs, not CRP")
+    backward = _Backward(em, rules, {t.name for t in relevance_at}, report=report)
 
     region = None
     if program.layout == "dense":
         rank = len(static_shape(logits))
         region = gs.Variable(REGION_NAME, dtype=dtype, shape=["lrp_region_batch", 1, *[f"r{i}" for i in range(rank - 2)]])
-    start = _output_relevance(em, logits, target, normalize_output_relevance, program, region)
+    start, explained_logit, chosen = _output_relevance(em, logits, target, normalize_output_relevance, program,
+                                                       region)
     pending: dict[str, list[Sym]] = {logits.name: [start]}
-    extra: list[gs.Variable] = []
+    # the class each row explains (the arg-max resolved) and its logit: what a caller,
+    # a server above all, needs to label the relevance
+    extra: list[gs.Variable] = [_named_output(graph, chosen, CLASS_NAME, np.int64, ["batch"]),
+                                _named_output(graph, explained_logit.value, LOGIT_NAME, dtype, ["batch"])] \
+        if labels else []
     if concept is None:
         pending = backward.run(table.nodes, table, pending)
         x_final, shape = x, x.shape
@@ -105,6 +120,9 @@ def emit_relevance(
         rank = len(tensor.shape) if tensor.shape is not None else 0
         shape = [f"d{i}" for i in range(rank)] if rank else None
         extra.append(_named_output(graph, captured.value, RELEVANCE_AT_PREFIX + tensor.name, dtype, shape))
+    if report:
+        layers = len(table.layers)
+        extra.append(_named_output(graph, backward.report_tensor(layers, x), REPORT_NAME, dtype, ["batch", layers, 2]))
     return Emitted(target, relevance, extra, region)
 
 
@@ -117,9 +135,11 @@ def _named_output(graph: gs.Graph, value, name: str, dtype, shape) -> gs.Variabl
 class _Backward:
     """Walks nodes in reverse topological order, summing and propagating relevance."""
 
-    def __init__(self, em: Emitter, rules: list[Rule], watch: set[str]):
+    def __init__(self, em: Emitter, rules: list[Rule], watch: set[str], report: bool = False):
         self.em, self.rules, self.watch = em, rules, watch
         self.captured: dict[str, Sym] = {}
+        # layer index -> (relevance arriving at its output, relevance it passes on)
+        self.report: dict[int, tuple[Sym, list[Sym]]] | None = {} if report else None
 
     def run(self, nodes, table, pending: dict, stop_after: gs.Node | None = None,
             original_names: dict | None = None) -> dict:
@@ -147,7 +167,30 @@ class _Backward:
             for slot, r in zip(slots, incoming):
                 if r is not None and not r.is_zero:  # a factor held constant gets none
                     pending.setdefault(node.inputs[slot].name, []).append(r)
+            if self.report is not None and layer is not None and layer.index >= 0:
+                self.report[layer.index] = (relevances[0], [r for r in incoming if r is not None and not r.is_zero])
         return pending
+
+    def report_tensor(self, count: int, x) -> gs.Variable:
+        """``[N, layers, 2]``: per sample and layer, the relevance summed at the layer's
+        output and at its inputs (zeros for a layer nothing reached)."""
+        em = self.em
+        batch = em.op("Shape", [x], {"start": 0, "end": 1}, dtype=np.int64)
+        nothing = em.filled(batch, 0.0)
+
+        def total(r: Sym):
+            flat = em.op("Flatten", [r], {"axis": 1}, dtype=em.dtype)
+            return em.op("ReduceSum", [flat, em.ints([1])], {"keepdims": 0}, dtype=em.dtype)
+
+        columns = []
+        for index in range(count):
+            out, given = self.report.get(index, (None, []))
+            out_sum = total(out) if out is not None else nothing
+            in_sum = add_all([em.sym(total(r)) for r in given]).value if given else nothing
+            pair = em.op("Concat", [em.op("Unsqueeze", [t, em.ints([1, 2])], dtype=em.dtype) for t in (in_sum, out_sum)],
+                         {"axis": 2}, dtype=em.dtype)
+            columns.append(pair)
+        return em.op("Concat", columns, {"axis": 1}, dtype=em.dtype) if len(columns) > 1 else columns[0]
 
 
 @dataclass
@@ -205,9 +248,10 @@ def _output_relevance(em: Emitter, logits, target, normalize: bool, program: Pro
         chosen = _chosen(em, scores, target)
         onehot = em.sym(_one_hot(em, chosen, classes)) + _nan_if_out_of_range(em, chosen, classes)
         mask = em.sym(em.op("Reshape", [onehot, em.ints([0, -1] + [1] * (rank - 2))], dtype=em.dtype)) * em.sym(region)
+        logit = _picked(em, onehot, scores)
         if not normalize:
-            return mask * em.sym(logits)
-        return em.sym(em.op("Expand", [mask, em.shape_of(logits)], dtype=em.dtype))  # shaped like the output
+            return mask * em.sym(logits), logit, chosen
+        return em.sym(em.op("Expand", [mask, em.shape_of(logits)], dtype=em.dtype)), logit, chosen  # output's shape
     if position is None:
         scores = em.op("Flatten", [logits], {"axis": 1}, dtype=em.dtype)
     else:
@@ -215,13 +259,19 @@ def _output_relevance(em: Emitter, logits, target, normalize: bool, program: Pro
     classes = _dim(em, scores, 1)
     chosen = _chosen(em, scores, target)
     onehot = em.sym(_one_hot(em, chosen, classes)) + _nan_if_out_of_range(em, chosen, classes)
+    logit = _picked(em, onehot, scores)
     if position is not None:
         at = _one_hot(em, em.ints([position]), _dim(em, logits, 1))  # [1, T], 1 at the position
         onehot = em.sym(em.op("Unsqueeze", [onehot, em.ints([1])], dtype=em.dtype)) * em.sym(
             em.op("Reshape", [at, em.ints([1, -1, 1])], dtype=em.dtype))
     elif static_shape(logits) is None or len(static_shape(logits)) != 2:
         onehot = em.sym(em.op("Reshape", [onehot, em.shape_of(logits)], dtype=em.dtype))
-    return onehot if normalize else onehot * em.sym(logits)
+    return (onehot if normalize else onehot * em.sym(logits)), logit, chosen
+
+
+def _picked(em: Emitter, onehot: Sym, scores) -> Sym:
+    """``[N]``: the explained logit of each sample (its one-hot row times its scores)."""
+    return em.sym(em.op("ReduceSum", [onehot * em.sym(scores), em.ints([1])], {"keepdims": 0}, dtype=em.dtype))
 
 
 def _nan_if_out_of_range(em: Emitter, chosen, classes) -> Sym:

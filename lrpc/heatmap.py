@@ -296,3 +296,91 @@ def text_heatmap(tokens, relevance, *, colormap=DEFAULT_COLORMAP, rangescale: st
     values = _token_relevance(relevance, len(tokens))
     colors = colorize(range_scale(values[None], rangescale)[0], colormap) if tokens else np.zeros((0, 3))
     return TextHeatmap(tokens, values, tuple(tuple(int(c) for c in rgb) for rgb in colors))
+
+
+# -- signals, tables and overviews (matplotlib figures) -------------------------------------------
+
+
+def _figure_png(figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    canvas.print_png(buffer)
+    return buffer.getvalue()
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def signal_plot(signal, relevance, *, colormap=DEFAULT_COLORMAP, rangescale: str = "centered",
+                title: str | None = None) -> bytes:
+    """PNG of a 1-D input (audio, a time series): ``[L]`` or ``[C, L]`` (channels one above
+    the other), each point coloured by its relevance (red positive, blue negative by default)."""
+    from matplotlib.collections import LineCollection
+
+    _check_choice(rangescale, RANGESCALES, "rangescale")
+    x = np.asarray(signal, dtype=np.float64)
+    r = np.asarray(relevance, dtype=np.float64)
+    x, r = (x[None], r[None]) if x.ndim == 1 else (x, r)
+    if x.shape != r.shape or x.ndim != 2:
+        raise LrpcError(f"a signal plot needs a signal and relevance of one shape [L] or [C, L], got {x.shape}, {r.shape}")
+    colors = colorize(range_scale(r[None], rangescale)[0], colormap) / 255.0
+    figure = _figure(10, 1.6 + 1.2 * len(x))
+    axes = figure.subplots(len(x), 1, squeeze=False)[:, 0]
+    t = np.arange(x.shape[1])
+    for channel, ax in enumerate(axes):
+        points = np.stack([t, x[channel]], axis=1)
+        segments = np.stack([points[:-1], points[1:]], axis=1)
+        ax.add_collection(LineCollection(segments, colors=colors[channel][:-1], linewidths=1.5))
+        ax.set_xlim(0, max(len(t) - 1, 1))
+        lo, hi = float(x[channel].min()), float(x[channel].max())
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-12), hi + 0.05 * (hi - lo + 1e-12))
+        ax.set_ylabel(f"channel {channel}" if len(x) > 1 else "value")
+    axes[-1].set_xlabel("position")
+    if title:
+        axes[0].set_title(title)
+    return _figure_png(figure)
+
+
+def feature_bars(relevance, names=None, *, top: int = 30, title: str | None = None) -> bytes:
+    """PNG bar chart of a tabular sample's feature relevance, the ``top`` largest in magnitude
+    (red positive, blue negative), named by ``names`` (default ``feature 0..F-1``)."""
+    r = np.asarray(relevance, dtype=np.float64).reshape(-1)
+    names = [f"feature {i}" for i in range(r.size)] if names is None else [str(n) for n in names]
+    if len(names) != r.size:
+        raise LrpcError(f"{len(names)} feature name(s) for {r.size} features")
+    order = np.argsort(-np.abs(r))[:top][::-1]
+    figure = _figure(7, 0.6 + 0.28 * len(order))
+    ax = figure.subplots()
+    ax.barh(np.arange(len(order)), r[order], color=["#c0392b" if v > 0 else "#2e86c1" for v in r[order]])
+    ax.set_yticks(np.arange(len(order)), [names[i] for i in order])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("relevance")
+    if title:
+        ax.set_title(title)
+    return _figure_png(figure)
+
+
+def overview(inputs, heatmaps, titles=None, *, columns: int = 4) -> bytes:
+    """PNG of a grid: each sample's input beside its heatmap (``inputs``: images as
+    ``[H, W]``/``[H, W, C]``, any range; ``heatmaps``: RGB uint8), for a first look at a run."""
+    n = len(heatmaps)
+    if n == 0 or len(inputs) != n:
+        raise LrpcError("an overview needs one input per heatmap")
+    columns = max(1, min(columns, n))
+    rows = -(-n // columns)
+    figure = _figure(2.6 * columns, 1.45 * rows + 0.2)
+    grid = figure.subplots(rows, 2 * columns, squeeze=False)
+    for ax in grid.ravel():
+        ax.axis("off")
+    for i, (image, heat) in enumerate(zip(inputs, heatmaps)):
+        ax_in, ax_heat = grid[i // columns, 2 * (i % columns)], grid[i // columns, 2 * (i % columns) + 1]
+        ax_in.imshow(_overlay_base(image), interpolation="nearest")
+        ax_heat.imshow(np.asarray(heat), interpolation="nearest")
+        if titles:
+            ax_in.set_title(str(titles[i]), fontsize=8, loc="left")
+    return _figure_png(figure)

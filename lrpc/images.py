@@ -70,6 +70,10 @@ def model_input(session, name: str, layout: str | None = None) -> ModelInput:
     1 or 3 channels at axis 1 -> nchw, at the last axis -> nhwc, else nchw."""
     meta = next(i for i in session.get_inputs() if i.name == name)
     shape = tuple(meta.shape)
+    if len(shape) == 3 and _is_signal(shape):
+        if layout is not None:
+            raise InputError(f"--layout {layout}: the model's input {show_shape(shape)} is a signal [N, C, L]")
+        return ModelInput(name, shape, None, None)
     if len(shape) == 3:
         return ModelInput(name, shape, "nhw", 1)
     if len(shape) != 4:
@@ -80,6 +84,13 @@ def model_input(session, name: str, layout: str | None = None) -> ModelInput:
         layout = "nhwc" if shape[1] not in (1, 3) and shape[3] in (1, 3) else "nchw"
     channels = shape[1] if layout == "nchw" else shape[3]
     return ModelInput(name, shape, layout, channels if isinstance(channels, int) else None)
+
+
+def _is_signal(shape) -> bool:
+    """``[N, C, L]`` with a few channels over a long axis (audio, time series), not an
+    ``[N, H, W]`` image: C at most 8 and L unknown or above 64."""
+    channels, length = shape[1], shape[2]
+    return isinstance(channels, int) and channels <= 8 and (not isinstance(length, int) or length > 64)
 
 
 @dataclass(frozen=True)

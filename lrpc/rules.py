@@ -479,6 +479,19 @@ class ZBoxRule(Rule):
         return {"low": show(self.low), "high": show(self.high)}
 
 
+class MergeRule(EpsilonRule):
+    """The ε-rule for merges of branches (residual additions, concatenations): Zennit's
+    ``Norm`` for ``Sum`` with the stabilizer as a knob (``--merge-epsilon``). Each branch
+    gets relevance in proportion to what it added; a larger ε damps the relevance of
+    near-cancelling sums, which makes deep residual networks' heatmaps steadier."""
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.spec.kind is Kind.MERGE
+
+    def incompatibility(self, layer: Layer) -> str:
+        return "MergeRule applies to Add, Sub, Sum and Concat"
+
+
 class LayerNormRule(Rule):
     """LRP-LN (Ali et al. 2022, "XAI for Transformers: Better Explanations through
     Conservative Propagation"; AttnLRP, Achtibat et al. 2024): the normalization's σ is
@@ -548,6 +561,6 @@ RULES = {
     cls.__name__: cls
     for cls in (
         ZeroRule, EpsilonRule, GammaRule, GeneralizedGammaRule, ZPlusRule, AlphaBetaRule,
-        ZBoxRule, WSquareRule, FlatRule, PassRule, LayerNormRule, TaylorRule, ConstantGateRule,
+        ZBoxRule, WSquareRule, FlatRule, PassRule, LayerNormRule, TaylorRule, ConstantGateRule, MergeRule,
     )
 }

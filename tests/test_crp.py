@@ -3,6 +3,8 @@ and intermediate relevances as extra outputs."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -129,12 +131,23 @@ def test_crp_from_the_command_line(tmp_path, lenet, capsys):
     assert "--features must be 'top:N'" in capsys.readouterr().err
 
 
-def test_explain_refuses_a_crp_compiled_file(tmp_path, lenet, cli):
+def test_explain_writes_a_heatmap_per_crp_feature_and_sample(tmp_path, lenet, cli):
     _, exported = lenet
     src, out = tmp_path / "lenet.onnx", tmp_path / "lenet.crp.onnx"
     onnx.save(exported, src)
     assert cli("compile", src, "-o", out, "--crp-layer", "2", "--features", "top:2").code == 0
     batch = tmp_path / "x.npy"
-    np.save(batch, zoo.example_input("lenet", 2, seed=1))
+    x = zoo.example_input("lenet", 2, seed=1)
+    np.save(batch, x)
     result = cli("explain", out, batch, "-o", tmp_path / "e")
-    assert result.code == 2 and "compiled for CRP" in result.err and not (tmp_path / "e").exists()
+    assert result.code == 0, result.err
+    expl = lrpc.CRP(lrpc.LRP(str(src)), 2, lrpc.TopNFeatures(2)).analyze(x)
+    features = expl.extras["features"]  # [F, N]
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    names = [f"heatmap_{i:03d}_feature{int(features[f, i])}.png" for i in range(2) for f in range(2)]
+    assert [e["heatmap"] for e in summary] == names and [e["feature"] for e in summary] == [
+        int(features[f, i]) for i in range(2) for f in range(2)]
+    npz = np.load(tmp_path / "e" / "relevance.npz")
+    rows = [f * 2 + i for i in range(2) for f in range(2)]  # sample-major in the file, features first in the API
+    np.testing.assert_allclose(npz["relevance"], expl.val[rows], rtol=1e-5, atol=1e-7)
+    assert npz["sample"].tolist() == [0, 0, 1, 1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lrpc
 import lrpc.cli
+import lrpc.explain
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -100,7 +101,11 @@ def test_npy_batch_heatmaps_match_the_input_size(cli, tmp_path, samples):
     assert [e["prediction"] for e in summary] == [e["target"] for e in summary] == LABELS
     expl = lrpc.LRP(MODEL).analyze(samples)
     np.testing.assert_allclose(npz["relevance"], expl.val, rtol=1e-5, atol=1e-7)
-    assert "heatmap_007.png" in result.out and result.err == ""
+    # one line for the run; a line per sample with -v
+    assert result.out.splitlines() == [f"explained {N} sample(s): wrote {N} heatmap(s), relevance.npz, summary.json "
+                                       f"to {out}"] and result.err == ""
+    verbose = cli("explain", MODEL, SAMPLES, "-o", out, "-v")
+    assert "heatmap_007.png" in verbose.out and len(verbose.out.splitlines()) == N + 1
 
 
 @pytest.mark.parametrize("flag", ["--heatmap-scale", "--scale"])
@@ -126,8 +131,8 @@ def test_target_is_explained_for_every_sample(cli, tmp_path, compiled):
 
 def test_batches_smaller_than_the_run_give_the_same_result(cli, tmp_path, compiled, monkeypatch):
     bars = []
-    original = lrpc.cli._progress_bar
-    monkeypatch.setattr(lrpc.cli, "_progress_bar", lambda total: bars.append(total) or original(total))
+    original = lrpc.explain._progress_bar
+    monkeypatch.setattr(lrpc.explain, "_progress_bar", lambda total: bars.append(total) or original(total))
     assert cli("explain", compiled, SAMPLES, "-o", tmp_path / "one").code == 0
     assert bars == [], "one batch needs no progress bar"
     result = cli("explain", compiled, SAMPLES, "-o", tmp_path / "three", "--batch-size", 3)
@@ -248,7 +253,7 @@ def test_exif_rotation_is_applied_before_resizing(cli, tmp_path, compiled):
     assert_consistent(tmp_path / "out", 1, (8, 16))
 
 
-def test_a_model_without_image_input_gets_no_heatmaps(cli, tmp_path):
+def test_a_tabular_model_gets_feature_bar_charts(cli, tmp_path):
     weight = onnx.numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) - 5, "W")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"], name="/dense/MatMul")], "tabular",
@@ -257,11 +262,19 @@ def test_a_model_without_image_input_gets_no_heatmaps(cli, tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save(model, tmp_path / "tabular.onnx")
     np.save(tmp_path / "rows.npy", np.random.default_rng(0).random((5, 4), dtype=np.float32))
-    result = cli("explain", tmp_path / "tabular.onnx", tmp_path / "rows.npy", "-o", tmp_path / "out")
+    result = cli("explain", tmp_path / "tabular.onnx", tmp_path / "rows.npy", "-o", tmp_path / "out",
+                 "--feature-names", "age,height,weight,income")
     assert result.code == 0, result.err
     summary, npz = outputs(tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["relevance.npz", "summary.json"]
-    assert npz["relevance"].shape == (5, 4) and [e["heatmap"] for e in summary] == [None] * 5
+    assert npz["relevance"].shape == (5, 4) and [e["heatmap"] for e in summary] == [f"heatmap_{i:03d}.png"
+                                                                                   for i in range(5)]
+    with Image.open(tmp_path / "out" / "heatmap_000.png") as chart:
+        assert chart.size[0] > 300  # a bar chart, not a 4×1 pixel strip
+    bad = cli("explain", tmp_path / "tabular.onnx", tmp_path / "rows.npy", "-o", tmp_path / "o2",
+              "--feature-names", "a,b")
+    assert bad.code == 2 and "2 name(s) for 4 features" in bad.err
+    none = cli("explain", tmp_path / "tabular.onnx", tmp_path / "rows.npy", "-o", tmp_path / "o3", "--no-heatmaps")
+    assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["relevance.npz", "summary.json"]
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
     result = cli("explain", tmp_path / "tabular.onnx", tmp_path / "x.png", "-o", tmp_path / "img")
     assert result.code == 2 and "[n, 4]" in result.err and not (tmp_path / "img").exists()

@@ -157,7 +157,7 @@ def test_explain_writes_text_heatmaps_for_token_models(cli, tmp_path):
     (tmp_path / "tokens.json").write_text(json.dumps(tokens))
     out = tmp_path / "out"
     result = cli("explain", model, tmp_path / "ids.npy", "-o", out, "--composite", "AttnLRP",
-                 "--feed", f"mask={tmp_path / 'mask.npy'}", "--tokens", tmp_path / "tokens.json")
+                 "--feed", f"mask={tmp_path / 'mask.npy'}", "--tokens", tmp_path / "tokens.json", "-v")
     assert result.code == 0, result.err
     pages = sorted(p.name for p in out.glob("text_*.html"))
     assert pages == ["text_000.html", "text_001.html", "text_002.html"]
@@ -171,7 +171,7 @@ def test_explain_writes_text_heatmaps_for_token_models(cli, tmp_path):
     np.testing.assert_allclose(saved["relevance"], expl.val, rtol=1e-5, atol=1e-7)
     summary = json.loads((out / "summary.json").read_text())
     assert [s["heatmap"] for s in summary] == pages
-    assert "tok" in result.out  # the terminal shows the tokens
+    assert "tok" in result.out  # with -v the terminal shows the tokens
 
 
 def test_explain_token_errors_are_one_line(cli, tmp_path):

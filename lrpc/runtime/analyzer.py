@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..emit import FEATURES_NAME, RELEVANCE_NAME, TARGET_NAME
+from ..emit import CLASS_NAME, FEATURES_NAME, LOGIT_NAME, REGION_NAME, RELEVANCE_NAME, REPORT_NAME, TARGET_NAME
 from ..errors import InputError, LrpcError, TargetError
 from .session import make_session
 
@@ -30,6 +30,22 @@ class Explanation:
     analyzer: str = "LRP"
     heatmap: str = "attribution"
     extras: dict[str, Any] = field(default_factory=dict)
+    report_layers: str | None = field(default=None, repr=False)
+
+    @property
+    def logit(self) -> np.ndarray | None:
+        """The explained logit of each sample (before any stripped softmax)."""
+        return self.extras.get("logit")
+
+    def report(self, threshold: float | None = None):
+        """Per-layer relevance balance (:class:`lrpc.report.ConservationReport`); needs a file
+        compiled with ``report=True``."""
+        from ..report import DEFAULT_THRESHOLD, ConservationReport
+
+        if "report" not in self.extras or self.report_layers is None:
+            raise LrpcError("no conservation report: compile with report=True (lrpc explain --report)")
+        return ConservationReport.from_metadata(self.extras["report"], self.report_layers,
+                                                DEFAULT_THRESHOLD if threshold is None else threshold)
 
 
 def _is_compiled(model: onnx.ModelProto) -> bool:
@@ -61,6 +77,7 @@ class LRP:
         position: int | None = None,
         split_layernorm: bool = False,
         max_constant_bytes: int | None = None,
+        report: bool = False,
         providers: list[str] | None = None,
         threads: int | None = None,
     ):
@@ -69,10 +86,11 @@ class LRP:
         proto = load_model(model)
         options = dict(normalize_output_relevance=normalize_output_relevance, skip_checks=skip_checks,
                        verbose=verbose, input_name=input_name, output_name=output_name, relevance_at=tuple(relevance_at),
-                       position=position, split_layernorm=split_layernorm, max_constant_bytes=max_constant_bytes)
+                       position=position, split_layernorm=split_layernorm, max_constant_bytes=max_constant_bytes,
+                       report=report)
         if _is_compiled(proto):
             if (composite is not None or not normalize_output_relevance or input_name or output_name or relevance_at
-                    or position is not None or split_layernorm or max_constant_bytes is not None):
+                    or position is not None or split_layernorm or max_constant_bytes is not None or report):
                 raise LrpcError("the model is already compiled: its rules and options are fixed; "
                                 "pass the original model to change them")
             self.source, self.composite, self.options = None, None, options
@@ -90,13 +108,16 @@ class LRP:
                                  verbose=opts["verbose"], position=opts["position"],
                                  split_layernorm=opts["split_layernorm"],
                                  max_constant_bytes=opts["max_constant_bytes"])
-        model = emit_model(analysis, opts["normalize_output_relevance"], relevance_at=opts["relevance_at"], **concept)
+        model = emit_model(analysis, opts["normalize_output_relevance"], relevance_at=opts["relevance_at"],
+                           report=opts["report"] and not concept, labels=True, **concept)
         self._open(model, analysis, providers, threads)
 
     def _open(self, model, analysis, providers, threads) -> None:
         self.model, self.analysis = model, analysis
         self._session_options = (providers, threads)
         meta = {p.key: p.value for p in self.model.metadata_props}
+        self._meta = meta
+        self.layout = meta.get("lrpc.layout", "flat")
         self.input_name = meta.get("lrpc.input", self.model.graph.input[0].name)
         self.position = int(meta["lrpc.position"]) if "lrpc.position" in meta else None
         # an integer input (token ids) is explained at its embedding: relevance [N, T, H]
@@ -106,7 +127,8 @@ class LRP:
         self.relevance_name = meta.get("lrpc.relevance", RELEVANCE_NAME)
         model_outputs = [n for n in self.output_names if n != self.relevance_name]
         self.explained_output = meta.get("lrpc.output", model_outputs[0])
-        self.other_inputs = [i for i in self.session.get_inputs() if i.name not in (self.input_name, TARGET_NAME)]
+        self.other_inputs = [i for i in self.session.get_inputs()
+                             if i.name not in (self.input_name, TARGET_NAME, REGION_NAME)]
         self._num_classes = None
 
     @property
@@ -123,21 +145,28 @@ class LRP:
         lines = [f"  {layer.name} ({layer.op_type}) => {rule!r}," for layer, rule in self.rules()]
         return "LRP(\n" + "\n".join(lines) + "\n)"
 
-    def analyze(self, input, output_selection=None, extra_inputs: dict | None = None) -> Explanation:
+    def analyze(self, input, output_selection=None, extra_inputs: dict | None = None, region=None) -> Explanation:
         """Explain a batch. ``output_selection``: None (arg-max), an int for every sample,
-        or one int per sample (for language models: a vocabulary index). ``extra_inputs``:
-        the model's other inputs by name (``attention_mask``, ...); see :meth:`other_feeds`."""
+        or one int per sample (for language models: a vocabulary index; for dense outputs
+        a channel). ``extra_inputs``: the model's other inputs by name (``attention_mask``,
+        ...); see :meth:`other_feeds`. ``region``: for dense outputs ``[N, K, H, W]``, where
+        the explained channel counts: ``[H, W]`` (every sample) or ``[N, H, W]``, weights
+        (a 0/1 mask, or soft); default everywhere."""
         x = self._check_input(input)
         n = x.shape[0]
         feeds = {self.input_name: x, **self.other_feeds(x, extra_inputs)}
+        if region is not None:
+            feeds[REGION_NAME] = self._region(region, n)
         if output_selection is not None:
             feeds[TARGET_NAME] = self._targets(output_selection, n, feeds)
         results = dict(zip(self.output_names, self._run(feeds, n)))
         relevance = results.pop(self.relevance_name)
         output = results.pop(self.explained_output)
-        scores = output if self.position is None else output[:, self.position]
-        best = np.argmax(scores.reshape(n, -1), axis=1)
-        selection = best if TARGET_NAME not in feeds else np.where(feeds[TARGET_NAME] < 0, best, feeds[TARGET_NAME])
+        selection = results.pop(CLASS_NAME, None)
+        if selection is None:  # a file from an lrpc before lrp_class
+            scores = output if self.position is None else output[:, self.position]
+            best = np.argmax(scores.reshape(n, -1), axis=1)
+            selection = best if TARGET_NAME not in feeds else np.where(feeds[TARGET_NAME] < 0, best, feeds[TARGET_NAME])
         unexplained = np.flatnonzero(~np.isfinite(relevance.reshape(len(relevance), -1)).all(axis=1))
         if unexplained.size:
             warnings.warn(RelevanceWarning(
@@ -145,9 +174,27 @@ class LRP:
                 "on the way through the model"), stacklevel=2)
         if FEATURES_NAME in results:
             results["features"] = results.pop(FEATURES_NAME)
-        return Explanation(relevance, output, selection, analyzer=self.name, extras=results)
+        if LOGIT_NAME in results:
+            results["logit"] = results.pop(LOGIT_NAME)
+        if REPORT_NAME in results:
+            results["report"] = results.pop(REPORT_NAME)
+        return Explanation(relevance, output, selection, analyzer=self.name, extras=results,
+                           report_layers=self._meta.get("lrpc.report"))
 
     name = "LRP"
+
+    def _region(self, region, n: int) -> np.ndarray:
+        if self.layout != "dense":
+            raise InputError("a region applies to dense outputs [N, K, H, W] (segmentation, detection maps)")
+        meta = next(o for o in self.session.get_outputs() if o.name == self.explained_output)
+        spatial = len(meta.shape) - 2
+        mask = np.asarray(region, dtype=np.float32)
+        if mask.ndim == spatial:
+            mask = mask[None]
+        if mask.ndim != spatial + 1 or mask.shape[0] not in (1, n) or not np.isfinite(mask).all():
+            raise InputError(f"the region must be finite weights shaped like the output's positions "
+                             f"{_show(meta.shape[2:])}, one for all samples or one per sample; got {mask.shape}")
+        return mask[:, None]
 
     @property
     def fixed_batch(self) -> int | None:
@@ -191,12 +238,13 @@ class LRP:
         for sequence outputs ``[N, T, V]`` the vocabulary size ``V``."""
         if self._num_classes is None:
             meta = next(o for o in self.session.get_outputs() if o.name == self.explained_output)
-            dims = meta.shape[2:] if self.position is not None else meta.shape[1:]
+            dims = {"sequence": meta.shape[2:], "dense": meta.shape[1:2]}.get(self.layout, meta.shape[1:])
             if dims and all(isinstance(d, int) for d in dims):
                 self._num_classes = int(np.prod(dims))
             else:
                 out = self.session.run([self.explained_output], sample_feeds)[0]
-                self._num_classes = int(np.prod(out.shape[2:] if self.position is not None else out.shape[1:]))
+                shape = {"sequence": out.shape[2:], "dense": out.shape[1:2]}.get(self.layout, out.shape[1:])
+                self._num_classes = int(np.prod(shape))
         return self._num_classes
 
     def other_feeds(self, x: np.ndarray, given: dict | None = None) -> dict:

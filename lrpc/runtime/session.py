@@ -1,8 +1,30 @@
-"""onnxruntime sessions for compiled models: CUDA when available, else CPU."""
+"""onnxruntime sessions for compiled models: the providers asked for, else CUDA when
+available, else the CPU."""
 
 from __future__ import annotations
 
+import tempfile
+import warnings
+from pathlib import Path
+
 import onnx
+
+from ..errors import LrpcError
+
+#: short names for ``--providers`` (full onnxruntime names work too)
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+}
+
+
+class ProviderWarning(UserWarning):
+    """An execution provider was asked for but this onnxruntime does not offer it."""
 
 
 def available_providers() -> list[str]:
@@ -17,14 +39,49 @@ def default_providers() -> list[str]:
     return preferred + ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto | str | bytes, providers: list[str] | None = None, threads: int | None = None):
-    """An InferenceSession with full graph optimization (folds the rule-modified weights once)."""
+def resolve_providers(requested) -> list[str]:
+    """``["cuda", "cpu"]`` / ``"cuda,cpu"`` / full names -> the providers to use, in order.
+    One asked for but not offered here is left out with a :class:`ProviderWarning`; the CPU
+    always comes last, so a session can always be made."""
+    if requested is None:
+        return default_providers()
+    if isinstance(requested, str):
+        requested = [p for p in requested.split(",") if p.strip()]
+    offered = available_providers()
+    chosen = []
+    for name in requested:
+        full = PROVIDER_NAMES.get(str(name).strip().lower(), str(name).strip())
+        if full not in PROVIDER_NAMES.values() and not full.endswith("ExecutionProvider"):
+            raise LrpcError(f"unknown execution provider {name!r}; give one of {', '.join(PROVIDER_NAMES)} "
+                            "or an onnxruntime provider name")
+        if full in offered:
+            chosen.append(full)
+        else:
+            warnings.warn(ProviderWarning(f"{full} is not available in this onnxruntime "
+                                          f"({', '.join(offered)}); using the CPU"), stacklevel=3)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return list(dict.fromkeys(chosen))
+
+
+def make_session(model: onnx.ModelProto | str | bytes, providers=None, threads: int | None = None):
+    """An InferenceSession with full graph optimization (folds the rule-modified weights once).
+    A model too large for one protobuf message is handed over as a file with external data."""
     import onnxruntime as ort
+
+    from ..files import EXTERNAL_DATA_THRESHOLD, _weight_bytes, save_model
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if threads:
-        options.intra_op_num_threads = threads
+        if int(threads) < 1:
+            raise LrpcError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = int(threads)
+    chosen = resolve_providers(providers)
+    if isinstance(model, onnx.ModelProto) and _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        with tempfile.TemporaryDirectory(prefix="lrpc-session-") as folder:
+            path = save_model(model, Path(folder) / "model.onnx", external_data=True)
+            return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(payload, sess_options=options, providers=providers or default_providers())
+    return ort.InferenceSession(payload, sess_options=options, providers=chosen)

@@ -28,8 +28,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lrpc check $(DEMO)/digits_cnn.onnx
-	$(VENV)/bin/lrpc compile $(DEMO)/digits_cnn.onnx -o demo_out/digits_cnn.lrp.onnx --composite EpsilonPlusFlat
-	$(VENV)/bin/lrpc explain demo_out/digits_cnn.lrp.onnx $(DEMO)/samples.npy -o demo_out --scale 16
+	# EpsilonPlus: on 8x8 digits the FlatRule of EpsilonPlusFlat spreads the first layer's
+	# relevance evenly over each 3x3 window, which blurs strokes two pixels wide into blobs
+	$(VENV)/bin/lrpc compile $(DEMO)/digits_cnn.onnx -o demo_model/digits_cnn.lrp.onnx --composite EpsilonPlus
+	$(VENV)/bin/lrpc explain demo_model/digits_cnn.lrp.onnx $(DEMO)/samples.npy -o demo_out --scale 16 --overview
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
@@ -38,4 +40,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out demo_model .pytest_cache

@@ -116,13 +116,21 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
     return CheckReport(rows, program.explained_name, program.start_name)
 
 
+def not_a_network(report: CheckReport) -> str | None:
+    """The one line for a model that is no neural network (a tree ensemble, a linear model),
+    or None."""
+    if report.failures and all(r.kind == NOT_A_NETWORK for r in report.failures):
+        ops = ", ".join(sorted({r.op_type for r in report.failures}))
+        return f"LRP explains neural networks; this model is a {ops} (ai.onnx.ml), not one"
+    return None
+
+
 def raise_if_unsupported(report: CheckReport, verbose: bool = True) -> None:
     if report.ok:
         return
     n = len(report.failures)
-    if all(r.kind == NOT_A_NETWORK for r in report.failures):
-        ops = ", ".join(sorted({r.op_type for r in report.failures}))
-        raise UnsupportedModelError(f"LRP explains neural networks; this model is a {ops} (ai.onnx.ml), not one")
+    if not_a_network(report):
+        raise UnsupportedModelError(not_a_network(report))
     summary = (
         f"LRP model check failed: {n} node{'s' if n != 1 else ''} lrpc cannot propagate relevance through. "
         "LRP assumes a deep rectifier network; register new ops with lrpc.register_layer / "

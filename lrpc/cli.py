@@ -208,11 +208,15 @@ def cmd_compile(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from .check import not_a_network
     from .compiler import analyze_model
 
     analysis = analyze_model(args.model, input_name=args.input_name, output_name=args.output_name,
                              skip_checks=True, max_constant_bytes=args.max_constant_bytes)
     report = analysis.report
+    if not_a_network(report):
+        print(f"lrpc: error: {not_a_network(report)}", file=sys.stderr)
+        return EXIT_USAGE
     _print_table(report.table())
     if report.ok:
         print(f"model check passed: {len(analysis.table.layers)} layers")
@@ -415,6 +419,8 @@ def _quiet_libraries(verbose: bool) -> None:
     """Only lrpc's own lines reach the user, unless ``--verbose``."""
     import onnx_graphsurgeon as gs
     import onnxruntime
+
+    from . import graph  # noqa: F401  (it sets the quiet defaults on import: set them after)
 
     onnxruntime.set_default_logger_severity(2 if verbose else 3)
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.WARNING if verbose else gs.logger.G_LOGGER.ERROR

@@ -188,6 +188,7 @@ def explain_all(analyzer, samples, spec, prep, args, targets, region) -> Run:
                 _collect(run, analyzer, expl, good, kept, start, batch, x, shown)
             if progress:
                 progress.advance(task, len(batch))
+    run.items.sort(key=lambda item: item.index)  # sample-major; targets and features keep their order
     if not run.items:
         first = run.skipped[0]
         raise InputError(f"no sample could be explained ({first[2]}: {first[1].name}, ...)")

@@ -18,8 +18,16 @@ from onnx import numpy_helper
 from .files import LARGE_INITIALIZER_BYTES
 
 # onnx-graphsurgeon's own warnings ("colored module is not installed", types it cannot
-# convert) are about its internals, not the user's model: lrpc reports what matters itself
+# convert) and onnxruntime's optimizer warnings while folding ("UnsqueezeElimination cannot
+# remove node ...") are about their internals, not the user's model: lrpc reports what
+# matters itself (the command line's --verbose shows them again)
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+try:
+    import onnxruntime as _ort
+
+    _ort.set_default_logger_severity(3)
+except ImportError:  # the compiler works without onnxruntime; folding then needs it
+    pass
 
 # The compiled file keeps the input's IR version (raised only when its opset needs it)
 # and never goes above what current runtimes accept: onnxruntime 1.31 refuses IR 14,

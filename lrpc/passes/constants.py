@@ -34,12 +34,8 @@ def constant_limit(program: Program, requested: int | None = None) -> int:
 
 
 def fold_constants(program: Program, max_bytes: int | None = None) -> Program:
-    # onnx-graphsurgeon folds with onnxruntime sessions whose optimizer warnings
-    # ("UnsqueezeElimination cannot remove node ...") go straight to the process's stderr
-    # and mean nothing to a user: keep onnxruntime's default logger at errors
-    import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)
+    # (onnx-graphsurgeon folds with onnxruntime sessions, whose optimizer warnings go to
+    # the process's stderr: lrpc keeps onnxruntime's default logger at errors, see lrpc.graph)
     limit = constant_limit(program, max_bytes)
     graph = program.graph
     _refuse_oversized(graph, limit)

@@ -198,6 +198,7 @@ def cmd_compile(args) -> int:
         split_layernorm=args.split_layernorm,
         report=args.report,
         labels=args.labels,
+        target_input=args.target_input,
     )
     if not args.quiet:
         import onnx
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", metavar="SPEC", help="CRP features: top:N (per input) or indices such as 1,2,10")
     p.add_argument("--report", action="store_true",
                    help="also output per-layer relevance sums (lrp_report) for a conservation report")
+    p.add_argument("--target-input", choices=("optional", "required"), default="optional",
+                   help="lrp_target as an input with a default, the arg-max (optional, the default) or as a plain "
+                        "input that every runtime and server lists (required)")
     p.add_argument("--labels", action="store_true",
                    help="also output the class each row explains (lrp_class) and its logit (lrp_logit)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing when all goes well")
@@ -430,6 +434,7 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import files
     from .errors import LrpcError, UnsupportedModelError
     from .registry import REGISTRY
 
@@ -441,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     registry = dict(REGISTRY)
+    already_written = len(files.WRITTEN)
     try:
         _quiet_libraries(args.verbose)
         _tensor_names(args)
@@ -462,12 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     except LrpcError as exc:
         print(f"lrpc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except Interrupted as exc:
-        print(f"lrpc: {exc.reason}; nothing was written", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print("lrpc: interrupted; nothing was written", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Interrupted
+        reason, signum = (exc.reason, exc.signum) if isinstance(exc, Interrupted) else ("interrupted", signal.SIGINT)
+        written = files.WRITTEN[already_written:]
+        print(f"lrpc: {reason}; " + (f"{written[-1]} had already been written" if written else "nothing was written"),
+              file=sys.stderr)
+        return 128 + signum
     except OSError as exc:  # the disk, not lrpc: full, read-only, vanished
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"lrpc: error: {where}{exc.strerror or exc}", file=sys.stderr)

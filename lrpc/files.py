@@ -17,7 +17,9 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,40 @@ def _plain_permissions(path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
 
 
+#: what this process has put in place, in order: a command interrupted after its result
+#: was written says so instead of "nothing was written"
+WRITTEN: list[Path] = []
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def committing(path):
+    """Run the renames that put ``path`` in place with SIGINT/SIGTERM held back.
+
+    A stop request that arrives meanwhile is raised again after the block, so a result is
+    either wholly in place (and listed in :data:`WRITTEN`) or not touched at all, never
+    half moved. The handlers are swapped, not the signal mask: a mask holds only the
+    calling thread, and the kernel hands a process signal to any thread that does not
+    block it (onnxruntime's pool). Only the main thread can set handlers; elsewhere
+    nothing is held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        WRITTEN.append(Path(path))
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in _STOP_SIGNALS}
+    try:
+        yield
+        WRITTEN.append(Path(path))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(arrived):
+            signal.raise_signal(sig)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path beside ``path``; on success it is renamed over ``path``.
@@ -161,7 +197,8 @@ def atomic_path(path):
     try:
         yield tmp
         _plain_permissions(tmp)
-        os.replace(tmp, path)
+        with committing(path):
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -241,7 +278,7 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) 
         for f in (staged, staged_data):
             if f.exists():
                 _plain_permissions(f)
-        with _folder_lock(path.parent):
+        with _folder_lock(path.parent), committing(path):
             previous = _referenced_data(path) if path.exists() else set()
             if staged_data.exists():
                 os.replace(staged_data, path.parent / data_name)
@@ -295,11 +332,12 @@ class OutputFolder:
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         _plain_permissions(tmp)
-        aside = None
-        if self.path.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=tmp.parent))
-            os.replace(self.path, aside / "previous")
-        os.replace(tmp, self.path)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        with committing(self.path):
+            aside = None
+            if self.path.exists():
+                aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=tmp.parent))
+                os.replace(self.path, aside / "previous")
+            os.replace(tmp, self.path)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
         return False

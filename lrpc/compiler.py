@@ -16,6 +16,7 @@ from . import __version__
 from .check import CheckReport, check_layers, raise_if_unsupported
 from .composites import Composite, EpsilonPlusFlat
 from .emit import REGION_NAME, TARGET_NAME, ConceptSpec, emit_relevance
+
 from .errors import LrpcError
 from .files import check, load_model, save_model
 from .graph import Program
@@ -24,6 +25,10 @@ from .passes import canonize
 from .passes.names import name_from_scopes
 from .spec import Layer
 from .rules import Rule
+
+#: how the compiled file takes its target: an input with a default (an initializer also
+#: listed as an input), or a plain required input that every runtime and server shows
+TARGET_INPUTS = ("optional", "required")
 
 
 @dataclass
@@ -126,6 +131,7 @@ def compile(
     max_constant_bytes: int | None = None,
     report: bool = False,
     labels: bool = False,
+    target_input: str = "optional",
 ) -> onnx.ModelProto:
     """Compile ``model`` (path or ModelProto) into an ONNX model that also returns ``relevance``.
 
@@ -142,7 +148,8 @@ def compile(
     of 256 MiB and the model's largest weight). ``report``: also output the per-layer
     relevance sums ``lrp_report`` (:class:`lrpc.report.ConservationReport`). ``labels``:
     also output the class each row explains (``lrp_class``, the arg-max resolved) and its
-    logit (``lrp_logit``).
+    logit (``lrp_logit``). ``target_input``: ``"optional"`` (``lrp_target`` defaults to the
+    arg-max) or ``"required"`` (a plain input every runtime and server lists).
     """
     analysis = analyze_model(
         model, composite, input_name=input_name, output_name=output_name,
@@ -150,7 +157,8 @@ def compile(
         max_constant_bytes=max_constant_bytes,
     )
     return emit_model(analysis, normalize_output_relevance, relevance_at=relevance_at,
-                      crp_layer=crp_layer, features=features, report=report, labels=labels)
+                      crp_layer=crp_layer, features=features, report=report, labels=labels,
+                      target_input=target_input)
 
 
 def emit_model(
@@ -161,8 +169,11 @@ def emit_model(
     features=None,
     report: bool = False,
     labels: bool = False,
+    target_input: str = "optional",
 ) -> onnx.ModelProto:
     program = analysis.program
+    if target_input not in TARGET_INPUTS:
+        raise LrpcError(f"target_input must be one of {', '.join(TARGET_INPUTS)}, got {target_input!r}")
     graph = program.graph
     concept = None
     if crp_layer is not None or features is not None:
@@ -184,9 +195,11 @@ def emit_model(
     keep = [vi for vi in out.graph.value_info if not vi.name.startswith("lrp/")]
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep)
-    # lrp_target defaults to [-1] ("explain the arg-max") so callers may omit it; a dense
-    # output's region to all ones (the whole output counts unless the caller marks a part)
-    defaults = [numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_NAME)]
+    # lrp_target defaults to [] ("explain the arg-max") so callers may omit it, unless it is
+    # a required input (--target-input required: every runtime and server sees it); a
+    # dense output's region to all ones (the whole output counts unless the caller marks a part)
+    defaults = [] if target_input == "required" else [
+        numpy_helper.from_array(np.zeros(0, dtype=np.int64), TARGET_NAME)]
     if emitted.region is not None:
         ones = np.ones([1] * len(emitted.region.shape), dtype=np.dtype(emitted.region.dtype))
         defaults.append(numpy_helper.from_array(ones, REGION_NAME))
@@ -203,6 +216,7 @@ def emit_model(
         "lrpc.rules": "; ".join(f"{layer.index}:{layer.name}={rule!r}" for layer, rule in analysis.layer_rules()),
     }
     meta["lrpc.layout"] = program.layout
+    meta["lrpc.target_input"] = target_input
     if program.position is not None:
         meta["lrpc.position"] = str(program.position)
     if report:

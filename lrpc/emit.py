@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from .crp import Features, mask_features, tile_batch
 from .errors import LrpcError, UnsupportedModelError
@@ -73,7 +74,7 @@ def emit_relevance(
     if dtype.kind != "f":
         raise LrpcError(f"input {x.name!r} has dtype {dtype}; lrpc explains floating-point inputs")
     em = Emitter(graph, dtype)
-    target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_batch"])
+    target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_targets"])
     if report and concept is not None:
         raise LrpcError("a conservation report is for LRP runs, not CRP")
     backward = _Backward(em, rules, {t.name for t in relevance_at}, report=report)
@@ -82,8 +83,8 @@ def emit_relevance(
     if program.layout == "dense":
         rank = len(static_shape(logits))
         region = gs.Variable(REGION_NAME, dtype=dtype, shape=["lrp_region_batch", 1, *[f"r{i}" for i in range(rank - 2)]])
-    start, explained_logit, chosen = _output_relevance(em, logits, target, normalize_output_relevance, program,
-                                                       region)
+    start, explained_logit, chosen = _output_relevance(em, logits, _per_sample(em, target, logits),
+                                                       normalize_output_relevance, program, region)
     pending: dict[str, list[Sym]] = {logits.name: [start]}
     # the class each row explains (the arg-max resolved) and its logit: what a caller,
     # a server above all, needs to label the relevance
@@ -280,6 +281,20 @@ def _nan_if_out_of_range(em: Emitter, chosen, classes) -> Sym:
     valid = em.op("Less", [chosen, classes], dtype=np.bool_)
     flag = em.op("Where", [valid, em.const(0.0), em.const(np.nan)], dtype=em.dtype)
     return em.sym(em.op("Unsqueeze", [flag, em.ints([1])], dtype=em.dtype))
+
+
+def _per_sample(em: Emitter, target, logits):
+    """``lrp_target`` as one class per sample, ``[N]``: empty means the arg-max for every row;
+    any other length must be N. A length-1 target for a batch of N > 1 is an error from the
+    runtime (a Reshape that cannot fit), never silently broadcast: a batching server that
+    merges requests with and without targets must not mix them up."""
+    n = em.op("Shape", [logits], {"start": 0, "end": 1}, dtype=np.int64)
+    size = em.op("Size", [target], dtype=np.int64)
+    empty = em.op("Cast", [em.op("Equal", [size, em.const(0, np.int64)], dtype=np.bool_)],
+                  {"to": helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))}, dtype=np.int64)
+    filler = em.op("Expand", [em.ints([-1]), em.op("Mul", [n, empty], dtype=np.int64)], dtype=np.int64)
+    joined = em.op("Concat", [target, filler], {"axis": 0}, dtype=np.int64)
+    return em.op("Reshape", [joined, n], dtype=np.int64, hint="lrp_targets")
 
 
 def _chosen(em: Emitter, scores, target):

@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from ..graph import constant_value, static_shape
-from ..spec import Kind, OpSpec, first_input_only, text_attr, vjp_route
+from ..spec import Kind, OpSpec, first_input_only, int_list, text_attr, vjp_route
 from ..symbolic import Emitter, Sym
 from .windows import ones_like_spatial, transposed_window
 
@@ -17,7 +17,63 @@ def reshape_back(em: Emitter, layer, s: Sym, k: int = 0) -> Sym:
 
 
 def _maxpool_vjp(em, layer, inputs, params, s):
-    """Winner takes all: scatter-add ``s`` onto the arg-max positions (overlaps add up)."""
+    """Winner takes all: each window's ``s`` goes to its first maximal input (in scan order,
+    as torch's and onnxruntime's arg-max pick it); overlapping windows add up.
+
+    Written with standard ops only, no ``Indices`` output (which sends OpenVINO to a slow
+    reference kernel): for each offset in the window, the input read there (a strided
+    slice of the padded input) is compared with the window's maximum; the first offset
+    that matches wins, and one grouped ConvTranspose with one-hot kernels puts every
+    offset's share back in place. Dynamic spatial sizes take the scatter route below."""
+    routed = _route_to_first_maximum(em, layer, inputs[0], s)
+    if routed is not None:
+        return [routed]
+    return _maxpool_scatter_vjp(em, layer, inputs, s)
+
+
+def _route_to_first_maximum(em, layer, a: Sym, s: Sym):
+    node = layer.node
+    in_shape, out_shape = static_shape(layer.act()), static_shape(layer.output)
+    if a.value is not layer.act() or in_shape is None or out_shape is None or None in in_shape[1:] \
+            or None in out_shape[1:] or text_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return None
+    kernel = list(node.attrs["kernel_shape"])
+    n = len(kernel)
+    strides = int_list(node, "strides", [1] * n)
+    dilations = int_list(node, "dilations", [1] * n)
+    pads = int_list(node, "pads", [0] * (2 * n))
+    channels, spatial, pooled = in_shape[1], list(in_shape[2:]), list(out_shape[2:])
+    # pad with the lowest value (a pad never wins) far enough for every window, ceil_mode too
+    reach = [(o - 1) * st + (k - 1) * d + 1 for o, st, k, d in zip(pooled, strides, kernel, dilations)]
+    end_pads = [max(r - pads[i] - size, pads[n + i]) for i, (r, size) in enumerate(zip(reach, spatial))]
+    lowest = em.const(np.finfo(em.dtype).min)
+    padded = em.op("Pad", [a, em.ints([0, 0, *pads[:n], 0, 0, *end_pads]), lowest], {"mode": "constant"},
+                   dtype=em.dtype)
+    m = layer.output
+    taken, shares = None, []
+    for offset in np.ndindex(*kernel):
+        starts = [o * d for o, d in zip(offset, dilations)]
+        ends = [b + (p - 1) * st + 1 for b, p, st in zip(starts, pooled, strides)]
+        seen = em.op("Slice", [padded, em.ints(starts), em.ints(ends), em.ints(range(2, 2 + n)), em.ints(strides)],
+                     dtype=em.dtype)
+        hit = em.op("Equal", [seen, m], dtype=np.bool_)
+        first = hit if taken is None else em.op("And", [hit, em.op("Not", [taken], dtype=np.bool_)], dtype=np.bool_)
+        taken = hit if taken is None else em.op("Or", [taken, hit], dtype=np.bool_)
+        share = em.op("Cast", [first], {"to": helper.np_dtype_to_tensor_dtype(em.dtype)}, dtype=em.dtype)
+        shares.append(em.op("Unsqueeze", [(s * em.sym(share, nonneg=True)).value, em.ints([2])], dtype=em.dtype))
+    count = len(shares)
+    stacked = em.op("Concat", shares, {"axis": 2}, dtype=em.dtype)  # [N, C, T, *pooled]
+    stacked = em.op("Reshape", [stacked, em.ints([0, channels * count, *pooled])], dtype=em.dtype)
+    # one-hot kernels, offset t -> window position t, the same for every channel: the file
+    # stores one [T, 1, *kernel] block and onnxruntime tiles it once at session start
+    block = np.eye(count, dtype=em.dtype).reshape(count, 1, *kernel)
+    weight = em.op("Tile", [em.const(block), em.ints([channels, 1] + [1] * n)], dtype=em.dtype)
+    return transposed_window(em, layer, em.sym(stacked), weight, kernel, channels)
+
+
+def _maxpool_scatter_vjp(em, layer, inputs, s):
+    """The route for dynamic spatial sizes: scatter-add ``s`` onto the arg-max positions
+    MaxPool's ``Indices`` output names."""
     node = layer.node
     a = inputs[0]
     if a.value is layer.act():

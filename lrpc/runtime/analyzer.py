@@ -157,8 +157,9 @@ class LRP:
         feeds = {self.input_name: x, **self.other_feeds(x, extra_inputs)}
         if region is not None:
             feeds[REGION_NAME] = self._region(region, n)
-        if output_selection is not None:
-            feeds[TARGET_NAME] = self._targets(output_selection, n, feeds)
+        # always fed (a -1 per sample: the arg-max), so files with a required target work too
+        feeds[TARGET_NAME] = (np.full(n, -1, dtype=np.int64) if output_selection is None
+                              else self._targets(output_selection, n, feeds))
         results = dict(zip(self.output_names, self._run(feeds, n)))
         relevance = results.pop(self.relevance_name)
         output = results.pop(self.explained_output)

@@ -200,6 +200,35 @@ def test_pooling(name):
     check_chain(model, rand(2, 3, 7, 7), [(fn, "eps"), (flat, "eps")])
 
 
+MAXPOOL_GEOMETRIES = {
+    # (spatial input, ONNX attributes, torch's max_pool with the same geometry)
+    "2x2_tiles_odd_size": ((7, 7), dict(kernel_shape=[2, 2], strides=[2, 2]), lambda x: F.max_pool2d(x, 2, 2)),
+    "3x3_stride2_pad1": ((9, 8), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+                         lambda x: F.max_pool2d(x, 3, 2, padding=1)),
+    "3x3_stride1": ((6, 6), dict(kernel_shape=[3, 3], strides=[1, 1]), lambda x: F.max_pool2d(x, 3, 1)),
+    "ceil_mode": ((7, 7), dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+                  lambda x: F.max_pool2d(x, 3, 2, ceil_mode=True)),
+    "dilated": ((9, 9), dict(kernel_shape=[2, 3], strides=[2, 1], dilations=[2, 2], pads=[1, 0, 1, 0]),
+                lambda x: F.max_pool2d(x, (2, 3), (2, 1), padding=(1, 0), dilation=2)),
+    "1d_stride3": ((11,), dict(kernel_shape=[4], strides=[3], pads=[1, 2]),
+                   lambda x: F.max_pool1d(F.pad(x, (1, 2), value=-np.inf), 4, 3)),
+    "3d": ((4, 5, 4), dict(kernel_shape=[2, 2, 2], strides=[2, 2, 2]), lambda x: F.max_pool3d(x, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAXPOOL_GEOMETRIES))
+def test_maxpool_routes_to_the_first_maximum_like_torch(name):
+    """Ties everywhere (values on a coarse grid, zeros as after a ReLU): the whole window's
+    relevance goes to its first maximum in scan order, as torch's max-pool gradient routes it."""
+    spatial, attrs, fn = MAXPOOL_GEOMETRIES[name]
+    shape = (2, 3, *spatial)
+    x = np.maximum(np.round(rand(*shape) * 2), 0).astype(np.float32)  # mostly 0, 1, 2, 3: many ties
+    model = build([helper.make_node("MaxPool", ["x"], ["y"], **attrs), flatten()], {}, shape)
+    nodes = [n.op_type for n in lrpc.compile(model).graph.node]
+    assert "ScatterElements" not in nodes and "ConvTranspose" not in nodes  # the portable route
+    check_chain(model, x, [(fn, "eps"), (flat, "eps")])
+
+
 def test_maxpool_sends_relevance_to_the_winner_only():
     model = build([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2]), flatten()],
                   {}, (1, 1, 4, 4))

@@ -16,6 +16,11 @@ def reshape_back(em: Emitter, layer, s: Sym, k: int = 0) -> Sym:
     return em.sym(em.op("Reshape", [s, em.shape_of(layer.act(k))], dtype=em.dtype))
 
 
+#: windows up to 7x7 are routed offset by offset (about ten nodes each); larger ones (the
+#: odd 60x80 test window) would make tens of thousands of nodes and take the scatter route
+MAX_UNROLLED_WINDOW = 49
+
+
 def _maxpool_vjp(em, layer, inputs, params, s):
     """Winner takes all: each window's ``s`` goes to its first maximal input (in scan order,
     as torch's and onnxruntime's arg-max pick it); overlapping windows add up.
@@ -23,8 +28,8 @@ def _maxpool_vjp(em, layer, inputs, params, s):
     Written with standard ops only, no ``Indices`` output (which sends OpenVINO to a slow
     reference kernel): for each offset in the window, the input read there (a strided
     slice of the padded input) is compared with the window's maximum; the first offset
-    that matches wins, and one grouped ConvTranspose with one-hot kernels puts every
-    offset's share back in place. Dynamic spatial sizes take the scatter route below."""
+    that matches wins, and the shares are woven back in place (:func:`_interleave`).
+    Dynamic spatial sizes and very large windows take the scatter route below."""
     routed = _route_to_first_maximum(em, layer, inputs[0], s)
     if routed is not None:
         return [routed]
@@ -38,6 +43,8 @@ def _route_to_first_maximum(em, layer, a: Sym, s: Sym):
             or None in out_shape[1:] or text_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", ""):
         return None
     kernel = list(node.attrs["kernel_shape"])
+    if int(np.prod(kernel)) > MAX_UNROLLED_WINDOW:
+        return None
     n = len(kernel)
     strides = int_list(node, "strides", [1] * n)
     dilations = int_list(node, "dilations", [1] * n)
@@ -50,7 +57,7 @@ def _route_to_first_maximum(em, layer, a: Sym, s: Sym):
     padded = em.op("Pad", [a, em.ints([0, 0, *pads[:n], 0, 0, *end_pads]), lowest], {"mode": "constant"},
                    dtype=em.dtype)
     m = layer.output
-    taken, shares = None, []
+    taken, shares = None, {}
     for offset in np.ndindex(*kernel):
         starts = [o * d for o, d in zip(offset, dilations)]
         ends = [b + (p - 1) * st + 1 for b, p, st in zip(starts, pooled, strides)]
@@ -60,15 +67,54 @@ def _route_to_first_maximum(em, layer, a: Sym, s: Sym):
         first = hit if taken is None else em.op("And", [hit, em.op("Not", [taken], dtype=np.bool_)], dtype=np.bool_)
         taken = hit if taken is None else em.op("Or", [taken, hit], dtype=np.bool_)
         share = em.op("Cast", [first], {"to": helper.np_dtype_to_tensor_dtype(em.dtype)}, dtype=em.dtype)
-        shares.append(em.op("Unsqueeze", [(s * em.sym(share, nonneg=True)).value, em.ints([2])], dtype=em.dtype))
-    count = len(shares)
-    stacked = em.op("Concat", shares, {"axis": 2}, dtype=em.dtype)  # [N, C, T, *pooled]
-    stacked = em.op("Reshape", [stacked, em.ints([0, channels * count, *pooled])], dtype=em.dtype)
-    # one-hot kernels, offset t -> window position t, the same for every channel: the file
-    # stores one [T, 1, *kernel] block and onnxruntime tiles it once at session start
-    block = np.eye(count, dtype=em.dtype).reshape(count, 1, *kernel)
-    weight = em.op("Tile", [em.const(block), em.ints([channels, 1] + [1] * n)], dtype=em.dtype)
-    return transposed_window(em, layer, em.sym(stacked), weight, kernel, channels)
+        shares[tuple(starts)] = (s * em.sym(share, nonneg=True)).value
+    placed, length = _interleave(em, shares, strides, pooled)
+    need = [p + size for p, size in zip(pads, spatial)]
+    if any(g < w for g, w in zip(length, need)):  # trailing inputs no window reads
+        short = [max(w - g, 0) for g, w in zip(length, need)]
+        placed = em.op("Pad", [placed, em.ints([0] * (2 + n) + [0, 0, *short])], {"mode": "constant"}, dtype=em.dtype)
+    return em.sym(em.op("Slice", [placed, em.ints(pads[:n]), em.ints(need), em.ints(range(2, 2 + n))],
+                        dtype=em.dtype))
+
+
+def _interleave(em, shares: dict, strides, pooled):
+    """Put each offset's share ``[N, C, *pooled]`` back at positions ``start + o * stride``
+    of a zero tensor; returns it and its spatial length.
+
+    A start splits into a shift ``q`` on the pooled grid and a phase ``r < stride``
+    (``start = q * stride + r``): shares of one phase are shifted (a Pad on the small
+    pooled grid) and summed, and the phases are woven together by one Transpose
+    (depth-to-space). Data movement only, which every runtime runs alike: a grouped
+    ConvTranspose is misread by the ONNX reference evaluator, and per-offset zero
+    insertion at full resolution is slower in onnxruntime."""
+    n = len(pooled)
+    shift_max = [max(b // st for b in (start[i] for start in shares)) for i, st in enumerate(strides)]
+    phases: dict[tuple, list] = {}
+    for start, share in shares.items():
+        q = [b // st for b, st in zip(start, strides)]
+        if any(q) or any(shift_max):
+            share = em.op("Pad", [share, em.ints([0, 0, *q, 0, 0, *[m - v for m, v in zip(shift_max, q)]])],
+                          {"mode": "constant"}, dtype=em.dtype)
+        phases.setdefault(tuple(b % st for b, st in zip(start, strides)), []).append(share)
+    summed = {r: (em.op("Sum", parts, dtype=em.dtype) if len(parts) > 1 else parts[0]) for r, parts in phases.items()}
+    grid = [p + q for p, q in zip(pooled, shift_max)]
+    length = [g * st for g, st in zip(grid, strides)]
+    if all(st == 1 for st in strides):
+        return summed[(0,) * n], length
+    some = next(iter(summed.values()))
+    zeros = None
+    stacked = []
+    for r in np.ndindex(*strides):
+        if r not in summed and zeros is None:  # a phase no offset reaches (stride > kernel)
+            zeros = em.op("ConstantOfShape", [em.op("Shape", [some], dtype=np.int64)],
+                          {"value": helper.make_tensor("zero", helper.np_dtype_to_tensor_dtype(em.dtype), [1], [0])},
+                          dtype=em.dtype)
+        stacked.append(em.op("Unsqueeze", [summed.get(r, zeros), em.ints([2])], dtype=em.dtype))
+    woven = em.op("Concat", stacked, {"axis": 2}, dtype=em.dtype)  # [N, C, prod(strides), *grid]
+    woven = em.op("Reshape", [woven, em.ints([0, 0, *strides, *grid])], dtype=em.dtype)
+    woven = em.op("Transpose", [woven], {"perm": [0, 1, *[a for i in range(n) for a in (2 + n + i, 2 + i)]]},
+                  dtype=em.dtype)
+    return em.op("Reshape", [woven, em.ints([0, 0, *length])], dtype=em.dtype), length
 
 
 def _maxpool_scatter_vjp(em, layer, inputs, s):

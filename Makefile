@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+# lrpc serve's environment: PyTriton pins numpy<2, the main one has numpy 2
+SERVE_VENV  ?= .venv-serve
+SERVE_STAMP  = $(SERVE_VENV)/.installed
 DEMO    = examples/digits
 
 .PHONY: demo test bench install clean
@@ -24,7 +27,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip download -q --no-deps rapidocr-onnxruntime==1.4.4 -d $(VENV)/wheels
 	touch $(STAMP)
 
-install: $(STAMP)
+$(SERVE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install -q -e '.[cpu,serve]'
+	touch $(SERVE_STAMP)
+
+install: $(STAMP) $(SERVE_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lrpc check $(DEMO)/digits_cnn.onnx
@@ -33,11 +42,11 @@ demo: $(STAMP)
 	$(VENV)/bin/lrpc compile $(DEMO)/digits_cnn.onnx -o demo_model/digits_cnn.lrp.onnx --composite EpsilonPlus
 	$(VENV)/bin/lrpc explain demo_model/digits_cnn.lrp.onnx $(DEMO)/samples.npy -o demo_out --scale 16 --overview
 
-test: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+test: $(STAMP) $(SERVE_STAMP)
+	LRPC_SERVE_PYTHON=$(SERVE_VENV)/bin/python $(PY) -m pytest -n 2 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) demo_out demo_model .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) demo_out demo_model .pytest_cache

@@ -248,6 +248,26 @@ def _analyzer(args):
                report=args.report, providers=args.providers, threads=args.threads)
 
 
+def cmd_export(args) -> int:
+    from .triton_repo import export_triton
+
+    folder = export_triton(args.model, args.repository, name=args.model_name, max_batch_size=args.max_batch_size,
+                           queue_delay_us=args.queue_delay_us, gpu=args.gpu, instances=args.instances)
+    if not args.quiet:
+        print(f"wrote {folder / 'config.pbtxt'} and {folder / '1' / 'model.onnx'}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import ServeOptions, serve
+
+    options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                           metrics_port=args.metrics_port, model_name=args.model_name,
+                           max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
+                           providers=args.providers, threads=args.threads, ready_file=args.ready_file)
+    return serve(args.model, options)
+
+
 def cmd_explain(args) -> int:
     from .errors import LrpcError
     from .explain import run_command
@@ -278,6 +298,26 @@ def _scale(text: str) -> int:
     value = _positive_int(text)
     if value > 64:
         raise argparse.ArgumentTypeError(f"at most 64, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must lie in 0..65535, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
@@ -413,6 +453,39 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--overlay", action="store_true", help="blend the heatmap over the input image")
     h.add_argument("--alpha", type=float, default=0.5, help="the heatmap's weight in --overlay (default 0.5)")
     p.set_defaults(run=cmd_explain)
+
+    p = sub.add_parser("serve", help="serve a compiled file over KServe v2 (HTTP and gRPC) with Triton; "
+                                     "needs the serve extra")
+    p.add_argument("model", help="a file lrpc compile wrote")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
+                                                         "only)")
+    for name, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
+        p.add_argument(f"--{name}-port", type=_port, default=port, metavar="N",
+                       help=f"{name} port (default {port}; 0: any free port)")
+    p.add_argument("--model-name", default="lrpc", help="the name clients ask for (default lrpc)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=64, metavar="N",
+                   help="rows per merged batch (default 64)")
+    p.add_argument("--queue-delay-us", type=_non_negative_int, default=2000, metavar="US",
+                   help="how long a batch waits for more requests, in microseconds (default 2000)")
+    p.add_argument("--providers", metavar="LIST", help="onnxruntime execution providers in order, e.g. cuda,cpu")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="onnxruntime's intra-op threads")
+    p.add_argument("--ready-file", metavar="PATH", help="once serving, write the ports and PID there as JSON")
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("export", help="write a compiled file as a model repository entry for an inference server")
+    p.add_argument("format", choices=("triton",), help="triton: REPO/NAME/config.pbtxt + REPO/NAME/1/model.onnx "
+                                                        "for Triton's onnxruntime backend")
+    p.add_argument("model", help="a file lrpc compile wrote")
+    p.add_argument("repository", help="the model repository folder (created if missing)")
+    p.add_argument("--model-name", default="lrpc", help="the model's folder and name (default lrpc)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=64, metavar="N",
+                   help="rows per merged batch (default 64)")
+    p.add_argument("--queue-delay-us", type=_non_negative_int, default=2000, metavar="US",
+                   help="how long a batch waits for more requests, in microseconds (default 2000)")
+    p.add_argument("--gpu", action="store_true", help="run the instances on GPUs (KIND_GPU; default KIND_CPU)")
+    p.add_argument("--instances", type=_positive_int, default=1, metavar="N", help="instances per device (default 1)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when all goes well")
+    p.set_defaults(run=cmd_export)
     return parser
 
 

@@ -128,6 +128,13 @@ def emit_relevance(
 
 
 def _named_output(graph: gs.Graph, value, name: str, dtype, shape) -> gs.Variable:
+    """``value`` under an output's name: the backward graph's own tensor is renamed (an
+    Identity would be folded away by runtimes such as OpenVINO, which then report the
+    output under either name); anything else (a model tensor, an already named output)
+    is copied by an Identity."""
+    if isinstance(value, gs.Variable) and value.name.startswith("lrp/") and value.inputs:
+        value.name, value.dtype, value.shape = name, dtype, shape
+        return value
     out = gs.Variable(name, dtype=dtype, shape=shape)
     graph.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[value], outputs=[out]))
     return out

@@ -124,8 +124,16 @@ def _matmul_vjp(em, layer, inputs, params, s):
     grads = []
     for slot in layer.acts:
         other = 1 - slot
-        swapped = _swap_last(em, factors[other], len(static_shape(node.inputs[other])))
-        g = em.op("MatMul", [s, swapped] if slot == 0 else [swapped, s], dtype=em.dtype)
+        if slot == 0 and other not in layer.acts and len(static_shape(node.inputs[other])) == 2:
+            # s·Wᵀ as (W·sᵀ)ᵀ: the weight stays the left factor. OpenVINO (2026.4) turns a
+            # constant right factor into a fully-connected layer and shares its repacked
+            # weights between the forward MatMul and a transposed use of the same constant,
+            # which then computes with the wrong orientation
+            rank = len(static_shape(layer.output))
+            g = _swap_last(em, em.op("MatMul", [factors[other], _swap_last(em, s, rank)], dtype=em.dtype), rank)
+        else:
+            swapped = _swap_last(em, factors[other], len(static_shape(node.inputs[other])))
+            g = em.op("MatMul", [s, swapped] if slot == 0 else [swapped, s], dtype=em.dtype)
         grads.append(_sum_batch_axes(em, g, layer, slot))
     return grads
 

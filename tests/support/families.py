@@ -40,7 +40,7 @@ FAMILIES = ('alexnet', 'vgg', 'resnet50', 'densenet', 'inception', 'squeezenet',
             'mobilenet_v2', 'mobilenet_v3', 'unet')
 
 INPUT_SHAPE = (3, 32, 32)
-INPUT_SHAPES = {name: INPUT_SHAPE for name in FAMILIES}
+INPUT_SHAPES = {name: INPUT_SHAPE for name in (*FAMILIES, 'resnet18')}
 NUM_CLASSES = 10
 
 
@@ -184,6 +184,55 @@ class ResNet50(nn.Module):
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class BasicBlock(nn.Module):
+    """3x3 (stride) - 3x3, BatchNorm after each, projection shortcut where the shape changes,
+    ``out += identity``, ReLU (torchvision's ResNet-18/34 block)."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+                           if stride != 1 or inplanes != planes else None)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18's layout at small width: 7x7/2 stem conv-BN-ReLU, 3x3/2 max-pool (8x8), four
+    stages of two basic blocks (32, 64, 128, 256 channels; strides 1, 2, 2, 2), global average
+    pool, fc. Not in :data:`FAMILIES` (the bottleneck ResNet covers the Zennit matrix); used
+    where a ResNet-18-style export is asked for by name."""
+
+    def __init__(self, num_classes=NUM_CLASSES):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths = (32, 64, 128, 256)
+        stages, inplanes = [], 32
+        for i, width in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(inplanes, width, 1 if i == 0 else 2), BasicBlock(width, width)))
+            inplanes = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(256, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
@@ -630,6 +679,7 @@ _FACTORIES = {
     'alexnet': AlexNet,
     'vgg': VGG,
     'resnet50': ResNet50,
+    'resnet18': ResNet18,
     'densenet': DenseNet,
     'inception': Inception,
     'squeezenet': SqueezeNet,

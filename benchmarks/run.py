@@ -738,12 +738,14 @@ def markdown(rows: list[Row], info: dict, args, command: str, elapsed_s: float, 
     return '\n'.join(lines)
 
 
-def write_markdown(path: str, section: str) -> None:
+def write_markdown(path: str, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the part of ``path`` between ``begin`` and ``end`` (``section`` holds both
+    markers), or append it."""
     if os.path.exists(path):
         with open(path) as handle:
             text = handle.read()
-        if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        if begin in text and end in text:
+            text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
         else:
             text = text.rstrip('\n') + '\n\n' + section + '\n'
     else:

@@ -129,10 +129,18 @@ def server(compiled, tmp_path_factory):
     assert code == 0 and seconds < 20, f"exit {code} after {seconds:.1f} s"
 
 
+_LOCAL: dict = {}
+
+
 def expected(compiled: Path, x: np.ndarray, target: np.ndarray) -> dict:
-    session = ort.InferenceSession(str(compiled), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, {"input": x, "lrp_target": target})))
+    """What a local ``lrpc.LRP`` on the same file answers (and the file's other outputs)."""
+    if compiled not in _LOCAL:
+        _LOCAL[compiled] = (lrpc.LRP(compiled), ort.InferenceSession(str(compiled), providers=["CPUExecutionProvider"]))
+    analyzer, session = _LOCAL[compiled]
+    explanation = analyzer.analyze(x, target)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x, "lrp_target": target})))
+    np.testing.assert_array_equal(outputs["relevance"], explanation.val)
+    return outputs
 
 
 def request(module, x: np.ndarray, target: np.ndarray | None, target_dtype: str = "INT64"):
@@ -142,6 +150,13 @@ def request(module, x: np.ndarray, target: np.ndarray | None, target_dtype: str 
         inputs.append(module.InferInput("lrp_target", list(target.shape), target_dtype))
         inputs[-1].set_data_from_numpy(target)
     return inputs
+
+
+def extra_input(module, name: str, value: np.ndarray):
+    tensor = module.InferInput(name, list(value.shape), {"float32": "FP32", "float64": "FP64", "int64": "INT64"}[
+        value.dtype.name])
+    tensor.set_data_from_numpy(value)
+    return tensor
 
 
 def test_the_model_as_clients_see_it(server):
@@ -206,6 +221,9 @@ def test_malformed_requests_get_one_line_errors(server, module):
         "target as INT32": (request(module, x, np.array([[1], [2]], np.int32), "INT32"), "INT32"),
         "target of another batch": (request(module, x, np.array([[1], [2], [3]], np.int64)), "batch"),
         "wrong shape": (request(module, x.reshape(2, 1, 4, 16), None), "shape"),
+        "wrong dtype": ([extra_input(module, "input", x.astype(np.float64))], "FP64"),
+        "unknown input": (request(module, x, None) + [extra_input(module, "pixels", x)], "pixels"),
+        "no image": ([extra_input(module, "lrp_target", np.array([[1], [2]], np.int64))], "missing input"),
     }
     for label, (inputs, needle) in bad.items():
         with pytest.raises(InferenceServerException) as caught:

@@ -45,8 +45,10 @@ demo: $(STAMP)
 test: $(STAMP) $(SERVE_STAMP)
 	LRPC_SERVE_PYTHON=$(SERVE_VENV)/bin/python $(PY) -m pytest -n 2 tests
 
-bench: $(STAMP)
-	$(PY) benchmarks/run.py
+bench: $(STAMP) $(SERVE_STAMP)
+	$(PY) benchmarks/run.py --output BENCHMARKS.md
+	$(PY) benchmarks/explain_throughput.py --output BENCHMARKS.md
+	$(PY) benchmarks/serve_load.py --serve-python $(SERVE_VENV)/bin/python --output BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) demo_out demo_model .pytest_cache

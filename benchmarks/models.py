@@ -42,7 +42,7 @@ INPUT_NAME = 'input'
 OUTPUT_NAME = 'logits'
 OPSET = 17
 
-MODEL_NAMES = ('resnet50', 'vgg16', 'mobilenet_v2')
+MODEL_NAMES = ('resnet50', 'vgg16', 'mobilenet_v2', 'resnet18')
 
 _TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
 
@@ -120,9 +120,42 @@ class Bottleneck(nn.Module):
         return self.relu3(self.add(out, identity))
 
 
-class ResNet50(nn.Module):
-    def __init__(self, num_classes: int = NUM_CLASSES, layers=(3, 4, 6, 3)):
+class BasicBlock(nn.Module):
+    """3x3 (stride), 3x3, BatchNorm after each conv, projection shortcut where the shape changes,
+    residual add, ReLU (torchvision's ResNet-18/34 block)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
         super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(OrderedDict([
+                ('0', nn.Conv2d(inplanes, planes, 1, stride, bias=False)),
+                ('1', nn.BatchNorm2d(planes)),
+            ]))
+        else:
+            self.downsample = None
+        self.add = Add()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu2(self.add(out, identity))
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet layout: 7x7/2 stem, 3x3/2 max-pool, four stages (64..512 planes),
+    global average pool, fc."""
+
+    def __init__(self, block=None, layers=(3, 4, 6, 3), num_classes: int = NUM_CLASSES):
+        super().__init__()
+        block = block or Bottleneck
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU()
@@ -132,18 +165,26 @@ class ResNet50(nn.Module):
         for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
             stride = 1 if index == 0 else 2
             stage = []
-            for block in range(blocks):
-                stage.append(Bottleneck(inplanes, planes, stride if block == 0 else 1))
-                inplanes = planes * Bottleneck.expansion
+            for number in range(blocks):
+                stage.append(block(inplanes, planes, stride if number == 0 else 1))
+                inplanes = planes * block.expansion
             stages.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def ResNet50() -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3))
+
+
+def ResNet18() -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2))
 
 
 VGG16_CONFIG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M')
@@ -225,7 +266,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-_FACTORIES = {'resnet50': ResNet50, 'vgg16': VGG16, 'mobilenet_v2': MobileNetV2}
+_FACTORIES = {'resnet50': ResNet50, 'vgg16': VGG16, 'mobilenet_v2': MobileNetV2, 'resnet18': ResNet18}
 
 
 # --------------------------------------------------------------------------------------------------

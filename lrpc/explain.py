@@ -154,10 +154,10 @@ def explain_all(analyzer, samples, spec, prep, args, targets, region) -> Run:
     feeds = read_feeds(args.feed)
     starts = range(0, len(samples), args.batch_size)
     progress, task = _progress_bar(len(samples)) if len(starts) > 1 and not args.quiet else (None, None)
+    batches = _prefetched(samples, starts, args.batch_size,
+                          lambda batch: load(batch, spec, prep, shown=args.overlay or args.overview))
     with progress or nullcontext():
-        for start in starts:
-            batch = samples[start:start + args.batch_size]
-            x, shown = load(batch, spec, prep, shown=args.overlay or args.overview)
+        for start, batch, (x, shown) in batches:
             keep = np.isfinite(x.reshape(len(x), -1)).all(axis=1) if x.dtype.kind == "f" else np.ones(len(x), bool)
             for i in np.flatnonzero(~keep):
                 _skip(run, args, start + i, batch[i], "holds NaN or infinite values")
@@ -193,6 +193,23 @@ def explain_all(analyzer, samples, spec, prep, args, targets, region) -> Run:
         first = run.skipped[0]
         raise InputError(f"no sample could be explained ({first[2]}: {first[1].name}, ...)")
     return run
+
+
+def _prefetched(samples, starts, size: int, read):
+    """``(start, batch, read(batch))`` for each batch, the next one read in a thread while
+    the caller runs the current one: decoding (PIL, numpy) and onnxruntime both release the
+    GIL, so reading files overlaps inference instead of adding to it. One batch ahead at
+    most, so memory stays at two batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts = list(starts)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrpc-read") as pool:
+        ahead = pool.submit(read, samples[starts[0]:starts[0] + size]) if starts else None
+        for i, start in enumerate(starts):
+            current = ahead.result()
+            if i + 1 < len(starts):
+                ahead = pool.submit(read, samples[starts[i + 1]:starts[i + 1] + size])
+            yield start, samples[start:start + size], current
 
 
 def _collect(run: Run, analyzer, expl, good, kept, start, batch, x, shown) -> None:
@@ -431,7 +448,9 @@ def write(folder: Path, run: Run, analyzer, args) -> list[dict]:
             arrays[key] = np.stack([i.extras[key] for i in run.items])
     with open(folder / "relevance.npz", "wb") as fh:
         np.savez(fh, **arrays)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # one sample per line, each by json's C encoder (indent= would use the pure-Python one,
+    # most of the time of a large run on a small model)
+    (folder / "summary.json").write_text("[\n" + ",\n".join(f"  {json.dumps(entry)}" for entry in summary) + "\n]\n")
     if run.report is not None:
         (folder / "report.json").write_text(json.dumps(conservation(run, analyzer, args).to_dict(), indent=2) + "\n")
     if args.overview:

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
               "to start and finish")
     if args.output:
         info = run.machine_info(0)
-        lines = [BEGIN, "## Explaining a folder (`lrpc explain`)", "",
+        lines = ["## Explaining a folder (`lrpc explain`)", "",
                  f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
                  f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} memory; lrpc at commit "
                  f"{info['lrpc_commit']}",
@@ -142,8 +142,7 @@ def main(argv=None) -> int:
         for name, count, b, e, fixed in rows:
             lines.append(f"| {name} | {count} | {b:.1f} | {e:.1f} | {e / b:.0%} | {fixed:.1f} | "
                          f"{'PASS' if e >= 0.9 * b else 'FAIL'} |")
-        lines += ["", END]
-        run.write_markdown(args.output, "\n".join(lines), BEGIN, END)
+        run.write_section(args.output, lines, BEGIN, END)
     return 0
 
 

@@ -757,6 +757,11 @@ def write_markdown(path: str, section: str, begin: str = BEGIN, end: str = END) 
     os.replace(tmp, path)
 
 
+def write_section(path: str, lines: list[str], begin: str, end: str) -> None:
+    """``lines`` between ``begin`` and ``end`` in ``path`` (see :func:`write_markdown`)."""
+    write_markdown(path, '\n'.join([begin, *lines, '', end]), begin, end)
+
+
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------

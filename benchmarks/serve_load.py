@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     print(f"server stopped, exit {code}")
     if args.output:
         info = run.machine_info(args.threads)
-        lines = [BEGIN, "## Serving (`lrpc serve`)", "",
+        lines = ["## Serving (`lrpc serve`)", "",
                  f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
                  f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} memory, {info['os']}",
                  f"- lrpc at commit {info['lrpc_commit']}; server: PyTriton 0.7.0 (Triton 2.51), onnxruntime CPU, "
@@ -176,8 +176,7 @@ def main(argv=None) -> int:
         for row in rows:
             lines.append(f"| {row['clients']} | {row['throughput']:.1f} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
                          f"{row['rows_per_run']:.1f} | {row['errors']} | {row['throughput'] / base['throughput']:.2f}x |")
-        lines += ["", END]
-        run.write_markdown(args.output, "\n".join(lines), BEGIN, END)
+        run.write_section(args.output, lines, BEGIN, END)
     return 0
 
 

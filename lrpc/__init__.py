@@ -64,5 +64,6 @@ from .runtime import CRP, LRP, Explanation, analyze  # noqa: E402
 from .crp import IndexedFeatures, TopNFeatures  # noqa: E402
 from .inspection import show_layer_indices  # noqa: E402
 from .heatmap import heatmap, text_heatmap  # noqa: E402
+from .dataset import explain_dataset  # noqa: E402
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -124,6 +124,23 @@ def _add_model_options(p: argparse.ArgumentParser, composite: bool = True) -> No
                    help="let relevance pass this shape-keeping op type unchanged; repeatable")
 
 
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    from .images import DEFAULT_MAX_IMAGE_PIXELS, LAYOUTS
+
+    g = p.add_argument_group("images (.npy inputs are fed as they are)")
+    g.add_argument("--size", nargs=2, type=_positive_int, metavar=("H", "W"), help="resize images to H x W")
+    g.add_argument("--layout", choices=LAYOUTS,
+                   help="the model's input layout (default: from its shape, 1 or 3 channels at axis 1 or last)")
+    g.add_argument("--grayscale", action="store_true",
+                   help="read images as one channel (automatic for one-channel models)")
+    g.add_argument("--scale-pixels", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide 8-bit pixels by 255")
+    g.add_argument("--mean", nargs="+", type=float, metavar="M", help="subtract per channel (after --scale-pixels)")
+    g.add_argument("--std", nargs="+", type=float, metavar="S", help="then divide per channel")
+    g.add_argument("--max-image-pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"refuse images with more pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+
+
 def _add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="also show the libraries' own warnings and, for explain, a line per sample")
@@ -255,6 +272,23 @@ def cmd_export(args) -> int:
                            queue_delay_us=args.queue_delay_us, gpu=args.gpu, instances=args.instances)
     if not args.quiet:
         print(f"wrote {folder / 'config.pbtxt'} and {folder / '1' / 'model.onnx'}")
+    return 0
+
+
+def cmd_explain_dataset(args) -> int:
+    from .dataset import explain_dataset
+    from .errors import LrpcError
+
+    out = _output_path(args)
+    if not out:
+        raise LrpcError("give the output folder with -o/--output")
+    result = explain_dataset(args.model, args.inputs, out, _composite_from_args(args), scheduler=args.scheduler,
+                             workers=args.workers, shard_size=args.shard_size, batch_size=args.batch_size,
+                             threads=args.threads, preprocess=preprocess_from_args(args), layout=args.layout,
+                             progress=not args.quiet)
+    if not args.quiet:
+        print(f"explained {result.samples} sample(s) in {result.shards} shard(s), {result.seconds:.1f} s: "
+              f"{result.folder}")
     return 0
 
 
@@ -429,18 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--feature-names", metavar="NAMES",
                    help="tabular inputs [N, F]: feature names, comma-separated or a file (one per line, or a JSON "
                         "list); default: the model's feature_names metadata")
-    g = p.add_argument_group("images (.npy inputs are fed as they are)")
-    g.add_argument("--size", nargs=2, type=_positive_int, metavar=("H", "W"), help="resize images to H x W")
-    g.add_argument("--layout", choices=LAYOUTS,
-                   help="the model's input layout (default: from its shape, 1 or 3 channels at axis 1 or last)")
-    g.add_argument("--grayscale", action="store_true",
-                   help="read images as one channel (automatic for one-channel models)")
-    g.add_argument("--scale-pixels", action=argparse.BooleanOptionalAction, default=True,
-                   help="divide 8-bit pixels by 255")
-    g.add_argument("--mean", nargs="+", type=float, metavar="M", help="subtract per channel (after --scale-pixels)")
-    g.add_argument("--std", nargs="+", type=float, metavar="S", help="then divide per channel")
-    g.add_argument("--max-image-pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
-                   help=f"refuse images with more pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    _add_image_options(p)
     h = p.add_argument_group("heatmaps")
     h.add_argument("--no-heatmaps", action="store_true", help="write relevance.npz and summary.json only")
     h.add_argument("--overview", action="store_true",
@@ -471,6 +494,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, metavar="N", help="onnxruntime's intra-op threads")
     p.add_argument("--ready-file", metavar="PATH", help="once serving, write the ports and PID there as JSON")
     p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("explain-dataset", help="explain a dataset on a Dask cluster: relevance shards and index.json")
+    p.add_argument("model", help="ONNX model file (plain or compiled)")
+    p.add_argument("inputs", nargs="+", help=".npy files, images, or folders of them")
+    _add_output(p, "the output folder: shard_NNNNN.npz (relevance, output, target), index.json, model.lrp.onnx")
+    p.add_argument("--composite", "-c", help="preset or expression (default: EpsilonPlusFlat)")
+    p.add_argument("--rules", metavar="FILE.toml", help="TOML rules file (see README)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: start a local cluster on "
+                        "127.0.0.1)")
+    p.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="local cluster workers (default 2)")
+    p.add_argument("--shard-size", type=_positive_int, default=1024, metavar="N", help="samples per shard (default 1024)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="samples per call (default 32)")
+    p.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+                   help="onnxruntime's intra-op threads per worker (default 1)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+    _add_image_options(p)
+    p.set_defaults(run=cmd_explain_dataset)
 
     p = sub.add_parser("export", help="write a compiled file as a model repository entry for an inference server")
     p.add_argument("format", choices=("triton",), help="triton: REPO/NAME/config.pbtxt + REPO/NAME/1/model.onnx "

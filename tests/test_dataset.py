@@ -1,0 +1,82 @@
+"""``lrpc explain-dataset`` on a local Dask cluster of two worker processes, loopback only."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lrpc
+from lrpc.dataset import local_cluster, read_dataset
+
+DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    x = np.load(DIGITS / "samples.npy")
+    batch = np.concatenate([x, x + rng.normal(0, 0.5, x.shape).astype(np.float32), x[::-1] * 0.5])  # 24 samples
+    path = tmp_path_factory.mktemp("data") / "many.npy"
+    np.save(path, batch)
+    return path
+
+
+def test_shards_on_two_workers_equal_one_local_call(many, tmp_path):
+    result = lrpc.explain_dataset(DIGITS / "digits_cnn.onnx", [many], tmp_path / "out", lrpc.EpsilonPlus(), workers=2,
+                             shard_size=5, batch_size=2, progress=False)
+    assert (result.samples, result.shards) == (24, 5)
+    got = read_dataset(tmp_path / "out")
+    want = lrpc.LRP(DIGITS / "digits_cnn.onnx", lrpc.EpsilonPlus()).analyze(np.load(many))
+    np.testing.assert_allclose(got["relevance"], want.val, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got["target"], want.output_selection)
+    np.testing.assert_allclose(got["output"], want.output, atol=1e-6)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [s["count"] for s in index["shards"]] == [5, 5, 5, 5, 4]
+    assert len(index["inputs"]) == 24
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left beside it
+
+
+def _listening(pids) -> list[str]:
+    """Local addresses (hex) of the LISTEN sockets these processes hold."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                found.append(fields[1].rsplit(":", 1)[0])
+    return found
+
+
+def test_the_local_cluster_listens_on_the_loopback_only():
+    from distributed import Client
+
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        workers = list(client.run(os.getpid).values())
+        nannies = [w.process.pid for w in cluster.workers.values()]
+        assert len(workers) == 2
+        found = _listening([os.getpid(), *workers, *nannies])
+    # the scheduler (in this process), two workers and their nannies
+    assert len(found) >= 5, found
+    assert set(found) <= {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}, found
+
+
+def test_command_line(many, tmp_path, cli):
+    done = cli("explain-dataset", DIGITS / "digits_cnn.onnx", many, "-o", tmp_path / "out", "--shard-size", "10",
+               "--workers", "2", "--composite", "EpsilonPlus")
+    assert done.code == 0, done.err
+    assert done.out.splitlines()[-1].startswith("explained 24 sample(s) in 3 shard(s)")
+    assert read_dataset(tmp_path / "out")["relevance"].shape == (24, 1, 8, 8)
+    bad = cli("explain-dataset", DIGITS / "digits_cnn.onnx", many, "-o", tmp_path / "x", "--shard-size", "0")
+    assert bad.code == 2 and len(bad.err_lines) == 1

@@ -49,6 +49,7 @@ bench: $(STAMP) $(SERVE_STAMP)
 	$(PY) benchmarks/run.py --output BENCHMARKS.md
 	$(PY) benchmarks/floor.py --output BENCHMARKS.md
 	$(PY) benchmarks/memory.py --output BENCHMARKS.md
+	$(PY) benchmarks/targets.py --output BENCHMARKS.md
 	$(PY) benchmarks/explain_throughput.py --output BENCHMARKS.md
 	$(PY) benchmarks/serve_load.py --serve-python $(SERVE_VENV)/bin/python --output BENCHMARKS.md
 

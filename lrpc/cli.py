@@ -216,6 +216,7 @@ def cmd_compile(args) -> int:
         report=args.report,
         labels=args.labels,
         target_input=args.target_input,
+        targets=args.top_classes,
     )
     if not args.quiet:
         import onnx
@@ -262,7 +263,8 @@ def _analyzer(args):
                normalize_output_relevance=not args.no_normalize_output_relevance,
                position=args.position, split_layernorm=args.split_layernorm,
                max_constant_bytes=args.max_constant_bytes, relevance_at=args.relevance_at or (),
-               report=args.report, providers=args.providers, threads=args.threads)
+               report=args.report, targets=getattr(args, "top_classes", None) or 1, providers=args.providers,
+               threads=args.threads)
 
 
 def cmd_export(args) -> int:
@@ -410,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", metavar="SPEC", help="CRP features: top:N (per input) or indices such as 1,2,10")
     p.add_argument("--report", action="store_true",
                    help="also output per-layer relevance sums (lrp_report) for a conservation report")
+    p.add_argument("--targets", dest="top_classes", type=_positive_int, default=1, metavar="K",
+                   help="explain K classes per sample in one call: lrp_target [N, K] (default each sample's top K), "
+                        "relevance [K*N, ...], target-major; the forward pass and the denominators run once")
     p.add_argument("--target-input", choices=("optional", "required"), default="optional",
                    help="lrp_target as an input with a default, the arg-max (optional, the default) or as a plain "
                         "input that every runtime and server lists (required)")
@@ -435,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", metavar="K[,K...]",
                    help="class(es) to explain for every sample, e.g. 3 or 3,4 (default: the prediction; "
                         "negative: the prediction)")
+    p.add_argument("--targets", dest="top_classes", type=_positive_int, metavar="K",
+                   help="explain each sample's K highest-scoring classes in one call (a heatmap per class)")
     p.add_argument("--region", metavar="FILE",
                    help="dense outputs [N, K, H, W]: where the class counts, a .npy of weights or a PNG mask")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="samples per inference call (default 32)")

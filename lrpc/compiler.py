@@ -132,6 +132,7 @@ def compile(
     report: bool = False,
     labels: bool = False,
     target_input: str = "optional",
+    targets: int = 1,
 ) -> onnx.ModelProto:
     """Compile ``model`` (path or ModelProto) into an ONNX model that also returns ``relevance``.
 
@@ -149,7 +150,9 @@ def compile(
     relevance sums ``lrp_report`` (:class:`lrpc.report.ConservationReport`). ``labels``:
     also output the class each row explains (``lrp_class``, the arg-max resolved) and its
     logit (``lrp_logit``). ``target_input``: ``"optional"`` (``lrp_target`` defaults to the
-    arg-max) or ``"required"`` (a plain input every runtime and server lists).
+    arg-max) or ``"required"`` (a plain input every runtime and server lists). ``targets``:
+    K > 1 explains K classes per sample in one call: ``lrp_target`` ``[N, K]`` (default:
+    each sample's top K), ``relevance`` ``[K·N, ...]``, target-major.
     """
     analysis = analyze_model(
         model, composite, input_name=input_name, output_name=output_name,
@@ -158,7 +161,7 @@ def compile(
     )
     return emit_model(analysis, normalize_output_relevance, relevance_at=relevance_at,
                       crp_layer=crp_layer, features=features, report=report, labels=labels,
-                      target_input=target_input)
+                      target_input=target_input, targets=targets)
 
 
 def emit_model(
@@ -170,8 +173,12 @@ def emit_model(
     report: bool = False,
     labels: bool = False,
     target_input: str = "optional",
+    targets: int = 1,
 ) -> onnx.ModelProto:
     program = analysis.program
+    if int(targets) < 1:
+        raise LrpcError(f"targets must be at least 1, got {targets}")
+    targets = int(targets)
     if target_input not in TARGET_INPUTS:
         raise LrpcError(f"target_input must be one of {', '.join(TARGET_INPUTS)}, got {target_input!r}")
     graph = program.graph
@@ -182,7 +189,7 @@ def emit_model(
         concept = ConceptSpec(find_layer(analysis, crp_layer), features)
     watched = [_relevance_point(analysis, ref) for ref in relevance_at]
     emitted = emit_relevance(program, analysis.table, analysis.rules, normalize_output_relevance,
-                             relevance_at=watched, concept=concept, report=report, labels=labels)
+                             relevance_at=watched, concept=concept, report=report, labels=labels, targets=targets)
     graph.inputs.append(emitted.target)
     if emitted.region is not None:
         graph.inputs.append(emitted.region)
@@ -199,7 +206,7 @@ def emit_model(
     # a required input (--target-input required: every runtime and server sees it); a
     # dense output's region to all ones (the whole output counts unless the caller marks a part)
     defaults = [] if target_input == "required" else [
-        numpy_helper.from_array(np.zeros(0, dtype=np.int64), TARGET_NAME)]
+        numpy_helper.from_array(np.zeros((0, targets) if targets > 1 else 0, dtype=np.int64), TARGET_NAME)]
     if emitted.region is not None:
         ones = np.ones([1] * len(emitted.region.shape), dtype=np.dtype(emitted.region.dtype))
         defaults.append(numpy_helper.from_array(ones, REGION_NAME))
@@ -217,6 +224,7 @@ def emit_model(
     }
     meta["lrpc.layout"] = program.layout
     meta["lrpc.target_input"] = target_input
+    meta["lrpc.targets"] = str(targets)
     if program.position is not None:
         meta["lrpc.position"] = str(program.position)
     if report:

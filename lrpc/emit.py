@@ -61,11 +61,13 @@ def emit_relevance(
     concept: ConceptSpec | None = None,
     report: bool = False,
     labels: bool = False,
+    targets: int = 1,
 ) -> Emitted:
     """Append the backward pass; returns the new input and outputs. ``report``: also the
     per-layer relevance sums (``lrp_report``) that :class:`lrpc.report.ConservationReport`
     reads. ``labels``: also the class each row explains and its logit (``lrp_class``,
-    ``lrp_logit``)."""
+    ``lrp_logit``). ``targets``: K > 1 explains K classes per sample in one call
+    (:func:`_several_targets`)."""
     graph = program.graph
     tensors = graph.tensors()
     x = tensors[program.explained_name]
@@ -83,6 +85,12 @@ def emit_relevance(
     if program.layout == "dense":
         rank = len(static_shape(logits))
         region = gs.Variable(REGION_NAME, dtype=dtype, shape=["lrp_region_batch", 1, *[f"r{i}" for i in range(rank - 2)]])
+    if targets > 1:
+        if concept is not None or report or relevance_at:
+            raise LrpcError("several targets per call do not combine with CRP, --report or --relevance-at")
+        target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_batch", targets])
+        return _several_targets(em, program, table, rules, target, targets, normalize_output_relevance, region,
+                                labels, x, tensors)
     start, explained_logit, chosen = _output_relevance(em, logits, _per_sample(em, target, logits),
                                                        normalize_output_relevance, program, region)
     pending: dict[str, list[Sym]] = {logits.name: [start]}
@@ -124,6 +132,58 @@ def emit_relevance(
     if report:
         layers = len(table.layers)
         extra.append(_named_output(graph, backward.report_tensor(layers, x), REPORT_NAME, dtype, ["batch", layers, 2]))
+    return Emitted(target, relevance, extra, region)
+
+
+def _several_targets(em: Emitter, program: Program, table, rules, target, k: int, normalize: bool, region, labels,
+                     x, tensors) -> Emitted:
+    """K classes per sample in one call: ``lrp_target`` ``[N, K]`` (-1 in column j: the
+    sample's j-th highest-scoring class; the default, empty, is all -1: the top K), and
+    ``relevance`` ``[K·N, ...]``, target-major (rows ``j·N .. j·N+N-1`` explain column j).
+
+    The backward pass is emitted once per column from the same forward pass; the rule's
+    denominators and modified weights are the same nodes in every copy: the emitter builds each of them once (it reuses a node whose op, inputs and attributes it
+    has already written), so they are computed once and only the relevance passes run K
+    times."""
+    graph, dtype = em.graph, em.dtype
+    logits = tensors[program.start_name]
+    scores = _class_scores(em, logits, program, region)
+    shape = static_shape(logits) or ()
+    known = {"flat": shape[1:], "sequence": shape[2:], "dense": shape[1:2]}.get(program.layout, ())
+    classes = int(np.prod(known)) if known and None not in known else None
+    if classes is not None and classes < k:
+        raise LrpcError(f"{k} targets per sample, but the output has only {classes} classes")
+    n = em.op("Shape", [logits], {"start": 0, "end": 1}, dtype=np.int64)
+    size = em.op("Size", [target], dtype=np.int64)
+    empty = em.op("Cast", [em.op("Equal", [size, em.const(0, np.int64)], dtype=np.bool_)],
+                  {"to": helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))}, dtype=np.int64)
+    filler = em.op("Expand", [em.ints([-1]), em.op("Mul", [em.op("Mul", [n, empty], dtype=np.int64), em.ints([k])],
+                                                        dtype=np.int64)], dtype=np.int64)
+    flat = em.op("Reshape", [target, em.ints([-1])], dtype=np.int64)
+    given = em.op("Reshape", [em.op("Concat", [flat, filler], {"axis": 0}, dtype=np.int64),
+                              em.op("Concat", [n, em.ints([k])], {"axis": 0}, dtype=np.int64)], dtype=np.int64)
+    top = em.op("TopK", [scores, em.ints([k])], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2,
+                dtype=dtype)[1]
+    top.dtype = np.int64  # the indices
+    resolved = em.op("Where", [em.op("Less", [given, em.const(0, np.int64)], dtype=np.bool_), top, given],
+                     dtype=np.int64)
+    parts, chosen_all, logit_all = [], [], []
+    for j in range(k):
+        column = em.op("Gather", [resolved, em.const(j, np.int64)], {"axis": 1}, dtype=np.int64)
+        start, logit, chosen = _output_relevance(em, logits, column, normalize, program, region)
+        pending = _Backward(em, rules, set()).run(table.nodes, table, {logits.name: [start]})
+        if not pending.get(x.name):
+            raise LrpcError(f"no relevance reaches input {x.name!r}")
+        parts.append(add_all(pending[x.name]).value)
+        chosen_all.append(chosen)
+        logit_all.append(logit.value)
+    name = RELEVANCE_NAME if RELEVANCE_NAME not in tensors else f"lrp_{RELEVANCE_NAME}"
+    relevance = _named_output(graph, em.op("Concat", parts, {"axis": 0}, dtype=dtype), name, dtype,
+                              ["lrp_rows", *x.shape[1:]])
+    extra = [_named_output(graph, em.op("Concat", chosen_all, {"axis": 0}, dtype=np.int64), CLASS_NAME, np.int64,
+                           ["lrp_rows"]),
+             _named_output(graph, em.op("Concat", logit_all, {"axis": 0}, dtype=dtype), LOGIT_NAME, dtype,
+                           ["lrp_rows"])] if labels else []
     return Emitted(target, relevance, extra, region)
 
 
@@ -250,8 +310,7 @@ def _output_relevance(em: Emitter, logits, target, normalize: bool, program: Pro
     position = program.position
     if program.layout == "dense":
         rank = len(static_shape(logits))
-        weighted = em.sym(logits) * em.sym(region)
-        scores = em.op("ReduceSum", [weighted, em.ints(range(2, rank))], {"keepdims": 0}, dtype=em.dtype)
+        scores = _class_scores(em, logits, program, region)
         classes = _dim(em, scores, 1)
         chosen = _chosen(em, scores, target)
         onehot = em.sym(_one_hot(em, chosen, classes)) + _nan_if_out_of_range(em, chosen, classes)
@@ -260,10 +319,7 @@ def _output_relevance(em: Emitter, logits, target, normalize: bool, program: Pro
         if not normalize:
             return mask * em.sym(logits), logit, chosen
         return em.sym(em.op("Expand", [mask, em.shape_of(logits)], dtype=em.dtype)), logit, chosen  # output's shape
-    if position is None:
-        scores = em.op("Flatten", [logits], {"axis": 1}, dtype=em.dtype)
-    else:
-        scores = em.op("Gather", [logits, em.const(position, np.int64)], {"axis": 1}, dtype=em.dtype)
+    scores = _class_scores(em, logits, program, region)
     classes = _dim(em, scores, 1)
     chosen = _chosen(em, scores, target)
     onehot = em.sym(_one_hot(em, chosen, classes)) + _nan_if_out_of_range(em, chosen, classes)
@@ -275,6 +331,18 @@ def _output_relevance(em: Emitter, logits, target, normalize: bool, program: Pro
     elif static_shape(logits) is None or len(static_shape(logits)) != 2:
         onehot = em.sym(em.op("Reshape", [onehot, em.shape_of(logits)], dtype=em.dtype))
     return (onehot if normalize else onehot * em.sym(logits)), logit, chosen
+
+
+def _class_scores(em: Emitter, logits, program: Program, region=None):
+    """``[N, classes]``: what a target indexes (flattened classes; the vocabulary at the
+    explained position; a dense output's channels summed over the region)."""
+    if program.layout == "dense":
+        rank = len(static_shape(logits))
+        weighted = em.sym(logits) * em.sym(region)
+        return em.op("ReduceSum", [weighted, em.ints(range(2, rank))], {"keepdims": 0}, dtype=em.dtype)
+    if program.position is None:
+        return em.op("Flatten", [logits], {"axis": 1}, dtype=em.dtype)
+    return em.op("Gather", [logits, em.const(program.position, np.int64)], {"axis": 1}, dtype=em.dtype)
 
 
 def _picked(em: Emitter, onehot: Sym, scores) -> Sym:

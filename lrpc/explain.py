@@ -174,11 +174,9 @@ def explain_all(analyzer, samples, spec, prep, args, targets, region) -> Run:
                         expl = analyzer.analyze(x[kept], target, extra_inputs=extra, region=region)
                     except TargetError as exc:  # the API's words for it, in the command line's
                         raise TargetError(f"--{exc}" if str(exc).startswith("target") else str(exc)) from None
-                explanations.append(expl)
+                explanations.extend(per_target(expl, len(kept)))
                 rows = expl.val.reshape(len(expl.val), -1)
-                features = expl.extras.get("features")
-                per_sample = 1 if features is None else features.shape[0]
-                finite = np.isfinite(rows).all(axis=1).reshape(per_sample, len(kept)).all(axis=0)
+                finite = np.isfinite(rows).all(axis=1).reshape(-1, len(kept)).all(axis=0)  # features or targets
                 bad |= {int(j) for j in np.flatnonzero(~finite)}
             for j in sorted(bad):
                 _skip(run, args, start + kept[j], batch[kept[j]],
@@ -193,6 +191,20 @@ def explain_all(analyzer, samples, spec, prep, args, targets, region) -> Run:
         first = run.skipped[0]
         raise InputError(f"no sample could be explained ({first[2]}: {first[1].name}, ...)")
     return run
+
+
+def per_target(expl, n: int) -> list:
+    """An explanation of K classes per sample (rows target-major, ``[K·N, ...]``) as K
+    explanations of N rows, one per class column; any other as itself."""
+    from dataclasses import replace
+
+    k = len(expl.val) // n if n else 1
+    if k <= 1 or expl.extras.get("features") is not None:
+        return [expl]
+    rows = [slice(j * n, (j + 1) * n) for j in range(k)]
+    return [replace(expl, val=expl.val[r], output_selection=expl.output_selection[r],
+                    extras={name: value[r] if name == "logit" else value for name, value in expl.extras.items()})
+            for r in rows]
 
 
 def _prefetched(samples, starts, size: int, read):
@@ -271,7 +283,7 @@ def render(run: Run, analyzer, spec, args) -> None:
     kind = kind_of(analyzer, spec)
     if args.no_heatmaps or kind == "none":
         return
-    several_targets = len(args.targets or []) > 1
+    several_targets = len(args.targets or []) > 1 or getattr(analyzer, "targets", 1) > 1
     suffix = ".html" if kind == "text" else ".png"
     names = _names(run.items, "text" if kind == "text" else "heatmap", suffix, several_targets)
     for item, name in zip(run.items, names):
@@ -528,6 +540,8 @@ def run_command(args, analyzer_factory) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise LrpcError(f"--alpha must lie in [0, 1], got {args.alpha}")
     args.targets = parse_targets(args.target)
+    if args.targets and getattr(args, "top_classes", None):
+        raise InputError("give --target (chosen classes) or --targets K (the top K), not both")
     region = read_region(args.region)
     files = collect(args.inputs)
     analyzer = analyzer_factory(args)

@@ -16,6 +16,20 @@ def _plain_environment(monkeypatch):
     monkeypatch.delenv("LRPC_DEBUG", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_inputs(request):
+    """Each test draws its random inputs from its own seed (its id): the same numbers
+    whichever worker runs it and whatever ran before, so a result never depends on the
+    order pytest-xdist happens to choose."""
+    import zlib
+
+    import numpy as np
+
+    from support import cases
+
+    cases.RNG = np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
 @pytest.fixture
 def cli(capsys):
     """``cli("compile", path, "-o", out)`` -> :class:`Result`."""

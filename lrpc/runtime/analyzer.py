@@ -78,6 +78,7 @@ class LRP:
         split_layernorm: bool = False,
         max_constant_bytes: int | None = None,
         report: bool = False,
+        targets: int = 1,
         providers: list[str] | None = None,
         threads: int | None = None,
     ):
@@ -87,10 +88,11 @@ class LRP:
         options = dict(normalize_output_relevance=normalize_output_relevance, skip_checks=skip_checks,
                        verbose=verbose, input_name=input_name, output_name=output_name, relevance_at=tuple(relevance_at),
                        position=position, split_layernorm=split_layernorm, max_constant_bytes=max_constant_bytes,
-                       report=report)
+                       report=report, targets=targets)
         if _is_compiled(proto):
             if (composite is not None or not normalize_output_relevance or input_name or output_name or relevance_at
-                    or position is not None or split_layernorm or max_constant_bytes is not None or report):
+                    or position is not None or split_layernorm or max_constant_bytes is not None or report
+                    or targets != 1):
                 raise LrpcError("the model is already compiled: its rules and options are fixed; "
                                 "pass the original model to change them")
             self.source, self.composite, self.options = None, None, options
@@ -109,7 +111,8 @@ class LRP:
                                  split_layernorm=opts["split_layernorm"],
                                  max_constant_bytes=opts["max_constant_bytes"])
         model = emit_model(analysis, opts["normalize_output_relevance"], relevance_at=opts["relevance_at"],
-                           report=opts["report"] and not concept, labels=True, **concept)
+                           report=opts["report"] and not concept, labels=True,
+                           targets=1 if concept else opts["targets"], **concept)
         self._open(model, analysis, providers, threads)
 
     def _open(self, model, analysis, providers, threads) -> None:
@@ -120,6 +123,7 @@ class LRP:
         self.layout = meta.get("lrpc.layout", "flat")
         self.input_name = meta.get("lrpc.input", self.model.graph.input[0].name)
         self.position = int(meta["lrpc.position"]) if "lrpc.position" in meta else None
+        self.targets = int(meta.get("lrpc.targets", 1))  # classes per sample in one call
         # an integer input (token ids) is explained at its embedding: relevance [N, T, H]
         self.explains_tokens = meta.get("lrpc.explained", self.input_name) != self.input_name
         self.session = make_session(self.model, providers=providers, threads=threads)
@@ -158,16 +162,22 @@ class LRP:
         if region is not None:
             feeds[REGION_NAME] = self._region(region, n)
         # always fed (a -1 per sample: the arg-max), so files with a required target work too
-        feeds[TARGET_NAME] = (np.full(n, -1, dtype=np.int64) if output_selection is None
-                              else self._targets(output_selection, n, feeds))
+        if self.targets > 1:  # [N, K]; -1 in column j: the j-th highest-scoring class
+            feeds[TARGET_NAME] = (np.full((n, self.targets), -1, dtype=np.int64) if output_selection is None
+                                  else self._several_targets(output_selection, n, feeds))
+        else:
+            feeds[TARGET_NAME] = (np.full(n, -1, dtype=np.int64) if output_selection is None
+                                  else self._targets(output_selection, n, feeds))
         results = dict(zip(self.output_names, self._run(feeds, n)))
         relevance = results.pop(self.relevance_name)
         output = results.pop(self.explained_output)
         selection = results.pop(CLASS_NAME, None)
         if selection is None:  # a file from an lrpc before lrp_class
             scores = output if self.position is None else output[:, self.position]
-            best = np.argmax(scores.reshape(n, -1), axis=1)
-            selection = best if TARGET_NAME not in feeds else np.where(feeds[TARGET_NAME] < 0, best, feeds[TARGET_NAME])
+            order = np.argsort(-scores.reshape(n, -1), axis=1, kind="stable")
+            given = feeds[TARGET_NAME].reshape(n, -1)  # [N] or [N, K]: -1 in column j is the j-th highest
+            selection = np.concatenate([np.where(given[:, j] < 0, order[:, j], given[:, j])
+                                        for j in range(given.shape[1])])
         unexplained = np.flatnonzero(~np.isfinite(relevance.reshape(len(relevance), -1)).all(axis=1))
         if unexplained.size:
             warnings.warn(RelevanceWarning(
@@ -233,6 +243,23 @@ class LRP:
             raise TargetError(f"target {int(bad[0])} is out of range for {classes} classes (0..{classes - 1}; "
                               "negative: the arg-max)")
         return target
+
+    def _several_targets(self, output_selection, n: int, feeds: dict) -> np.ndarray:
+        """``[N, K]`` classes (one row for every sample, or one row per sample)."""
+        target = np.asarray(output_selection)
+        k = self.targets
+        if target.dtype.kind not in "iu" or target.ndim not in (1, 2) or target.shape[-1] != k:
+            raise TargetError(f"this file explains {k} classes per sample: give [N, {k}] or [{k}] class indices "
+                              f"(-1: the next highest), got {output_selection!r}")
+        target = np.broadcast_to(target.reshape(-1, k), (n, k)) if target.ndim == 1 or len(target) == 1 else target
+        if len(target) != n:
+            raise TargetError(f"{len(target)} rows of targets for a batch of {n}")
+        classes = self._classes({name: value[:1] for name, value in feeds.items()})
+        bad = target[target >= classes]
+        if bad.size:
+            raise TargetError(f"target {int(bad[0])} is out of range for {classes} classes (0..{classes - 1}; "
+                              "negative: the next highest-scoring class)")
+        return np.ascontiguousarray(target, dtype=np.int64)
 
     def _classes(self, sample_feeds: dict) -> int:
         """Number of classes of the explained output (static shape, else one probe run);

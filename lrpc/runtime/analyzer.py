@@ -237,12 +237,7 @@ class LRP:
             target = np.repeat(target, n)
         if target.size != n:
             raise TargetError(f"{target.size} targets for a batch of {n}")
-        classes = self._classes({name: value[:1] for name, value in feeds.items()})
-        bad = target[target >= classes]
-        if bad.size:
-            raise TargetError(f"target {int(bad[0])} is out of range for {classes} classes (0..{classes - 1}; "
-                              "negative: the arg-max)")
-        return target
+        return self._in_range(target, feeds, "the arg-max")
 
     def _several_targets(self, output_selection, n: int, feeds: dict) -> np.ndarray:
         """``[N, K]`` classes (one row for every sample, or one row per sample)."""
@@ -254,12 +249,15 @@ class LRP:
         target = np.broadcast_to(target.reshape(-1, k), (n, k)) if target.ndim == 1 or len(target) == 1 else target
         if len(target) != n:
             raise TargetError(f"{len(target)} rows of targets for a batch of {n}")
+        return np.ascontiguousarray(self._in_range(target, feeds, "the next highest-scoring class"), dtype=np.int64)
+
+    def _in_range(self, target: np.ndarray, feeds: dict, negative: str) -> np.ndarray:
         classes = self._classes({name: value[:1] for name, value in feeds.items()})
         bad = target[target >= classes]
         if bad.size:
             raise TargetError(f"target {int(bad[0])} is out of range for {classes} classes (0..{classes - 1}; "
-                              "negative: the next highest-scoring class)")
-        return np.ascontiguousarray(target, dtype=np.int64)
+                              f"negative: {negative})")
+        return target
 
     def _classes(self, sample_feeds: dict) -> int:
         """Number of classes of the explained output (static shape, else one probe run);

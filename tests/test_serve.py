@@ -126,7 +126,8 @@ def server(compiled, tmp_path_factory):
     yield running
     code, seconds = running.stop()
     running.cleanup()
-    assert code == 0 and seconds < 20, f"exit {code} after {seconds:.1f} s"
+    # within Triton's exit timeout (30 s): its Python backend sometimes takes that long to unload
+    assert code == 0 and seconds < 45, f"exit {code} after {seconds:.1f} s"
 
 
 _LOCAL: dict = {}

@@ -337,34 +337,25 @@ def _scale(text: str) -> int:
     return value
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must lie in 0..65535, got {value}")
-    return value
+def _whole_number(low: int, high: int | None = None):
+    """An argparse type: an integer of at least ``low`` (and at most ``high``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"must lie in {low}..{high}" if high is not None else f"must be at least {low}"
+            raise argparse.ArgumentTypeError(f"{bound}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_port = _whole_number(0, 65535)
+_non_negative_int = _whole_number(0)
+_positive_int = _whole_number(1)
 
 
 def _fraction(text: str) -> float:
@@ -388,7 +379,6 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .heatmap import RANGESCALES, REDUCTIONS
-    from .images import DEFAULT_MAX_IMAGE_PIXELS, LAYOUTS
     from .report import DEFAULT_THRESHOLD
 
     parser = _Parser(prog="lrpc", description="LRP attribution compiler for ONNX models")

@@ -16,7 +16,6 @@ from . import __version__
 from .check import CheckReport, check_layers, raise_if_unsupported
 from .composites import Composite, EpsilonPlusFlat
 from .emit import REGION_NAME, TARGET_NAME, ConceptSpec, emit_relevance
-
 from .errors import LrpcError
 from .files import check, load_model, save_model
 from .graph import Program

@@ -89,7 +89,7 @@ def explain_dataset(model, inputs, output_dir, composite=None, *, scheduler: str
         if int(value) < 1:
             raise LrpcError(f"{name} must be at least 1, got {value}")
     try:
-        import distributed  # noqa: F401
+        import distributed  # noqa: F401  (only whether it is there)
     except ImportError:
         raise LrpcError("explain-dataset needs Dask: pip install 'lrpc[cpu,dataset]'") from None
     started = time.perf_counter()

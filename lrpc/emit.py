@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import helper
 
 from .crp import Features, mask_features, tile_batch
 from .errors import LrpcError, UnsupportedModelError
@@ -119,9 +118,7 @@ def emit_relevance(
     parts = pending.get(x_final.name)
     if not parts:
         raise LrpcError(f"no relevance reaches input {x.name!r}")
-    # a model output of that name already: the file records the name used (lrpc.relevance)
-    name = RELEVANCE_NAME if RELEVANCE_NAME not in tensors else f"lrp_{RELEVANCE_NAME}"
-    relevance = _named_output(graph, add_all(parts).value, name, dtype, shape)
+    relevance = _named_output(graph, add_all(parts).value, _relevance_name(tensors), dtype, shape)
     for tensor in relevance_at:
         captured = backward.captured.get(tensor.name)
         if captured is None:
@@ -142,9 +139,9 @@ def _several_targets(em: Emitter, program: Program, table, rules, target, k: int
     ``relevance`` ``[K·N, ...]``, target-major (rows ``j·N .. j·N+N-1`` explain column j).
 
     The backward pass is emitted once per column from the same forward pass; the rule's
-    denominators and modified weights are the same nodes in every copy: the emitter builds each of them once (it reuses a node whose op, inputs and attributes it
-    has already written), so they are computed once and only the relevance passes run K
-    times."""
+    denominators and modified weights are the same nodes in every copy: the emitter builds
+    each of them once (it reuses a node whose op, inputs and attributes it has already
+    written), so they are computed once and only the relevance passes run K times."""
     graph, dtype = em.graph, em.dtype
     logits = tensors[program.start_name]
     scores = _class_scores(em, logits, program, region)
@@ -153,15 +150,7 @@ def _several_targets(em: Emitter, program: Program, table, rules, target, k: int
     classes = int(np.prod(known)) if known and None not in known else None
     if classes is not None and classes < k:
         raise LrpcError(f"{k} targets per sample, but the output has only {classes} classes")
-    n = em.op("Shape", [logits], {"start": 0, "end": 1}, dtype=np.int64)
-    size = em.op("Size", [target], dtype=np.int64)
-    empty = em.op("Cast", [em.op("Equal", [size, em.const(0, np.int64)], dtype=np.bool_)],
-                  {"to": helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))}, dtype=np.int64)
-    filler = em.op("Expand", [em.ints([-1]), em.op("Mul", [em.op("Mul", [n, empty], dtype=np.int64), em.ints([k])],
-                                                        dtype=np.int64)], dtype=np.int64)
-    flat = em.op("Reshape", [target, em.ints([-1])], dtype=np.int64)
-    given = em.op("Reshape", [em.op("Concat", [flat, filler], {"axis": 0}, dtype=np.int64),
-                              em.op("Concat", [n, em.ints([k])], {"axis": 0}, dtype=np.int64)], dtype=np.int64)
+    given = _per_sample(em, target, logits, k)
     top = em.op("TopK", [scores, em.ints([k])], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2,
                 dtype=dtype)[1]
     top.dtype = np.int64  # the indices
@@ -177,14 +166,19 @@ def _several_targets(em: Emitter, program: Program, table, rules, target, k: int
         parts.append(add_all(pending[x.name]).value)
         chosen_all.append(chosen)
         logit_all.append(logit.value)
-    name = RELEVANCE_NAME if RELEVANCE_NAME not in tensors else f"lrp_{RELEVANCE_NAME}"
-    relevance = _named_output(graph, em.op("Concat", parts, {"axis": 0}, dtype=dtype), name, dtype,
-                              ["lrp_rows", *x.shape[1:]])
+    relevance = _named_output(graph, em.op("Concat", parts, {"axis": 0}, dtype=dtype), _relevance_name(tensors),
+                              dtype, ["lrp_rows", *x.shape[1:]])
     extra = [_named_output(graph, em.op("Concat", chosen_all, {"axis": 0}, dtype=np.int64), CLASS_NAME, np.int64,
                            ["lrp_rows"]),
              _named_output(graph, em.op("Concat", logit_all, {"axis": 0}, dtype=dtype), LOGIT_NAME, dtype,
                            ["lrp_rows"])] if labels else []
     return Emitted(target, relevance, extra, region)
+
+
+def _relevance_name(tensors) -> str:
+    """``relevance``, or ``lrp_relevance`` when the model already has a tensor of that name
+    (the file records the name used in ``lrpc.relevance``)."""
+    return RELEVANCE_NAME if RELEVANCE_NAME not in tensors else f"lrp_{RELEVANCE_NAME}"
 
 
 def _named_output(graph: gs.Graph, value, name: str, dtype, shape) -> gs.Variable:
@@ -358,18 +352,23 @@ def _nan_if_out_of_range(em: Emitter, chosen, classes) -> Sym:
     return em.sym(em.op("Unsqueeze", [flag, em.ints([1])], dtype=em.dtype))
 
 
-def _per_sample(em: Emitter, target, logits):
-    """``lrp_target`` as one class per sample, ``[N]``: empty means the arg-max for every row;
-    any other length must be N. A length-1 target for a batch of N > 1 is an error from the
-    runtime (a Reshape that cannot fit), never silently broadcast: a batching server that
-    merges requests with and without targets must not mix them up."""
+def _per_sample(em: Emitter, target, logits, width: int = 1):
+    """``lrp_target`` as one class per sample, ``[N]`` (``width`` > 1: ``[N, width]``, one
+    row of classes per sample): empty means -1 everywhere (the arg-max; for several targets
+    the j-th highest class); any other size must be N·width. A length-1 target for a batch
+    of N > 1 is an error from the runtime (a Reshape that cannot fit), never silently
+    broadcast: a batching server that merges requests with and without targets must not
+    mix them up."""
     n = em.op("Shape", [logits], {"start": 0, "end": 1}, dtype=np.int64)
+    rows = n if width == 1 else em.op("Concat", [n, em.ints([width])], {"axis": 0}, dtype=np.int64)
     size = em.op("Size", [target], dtype=np.int64)
-    empty = em.op("Cast", [em.op("Equal", [size, em.const(0, np.int64)], dtype=np.bool_)],
-                  {"to": helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))}, dtype=np.int64)
-    filler = em.op("Expand", [em.ints([-1]), em.op("Mul", [n, empty], dtype=np.int64)], dtype=np.int64)
-    joined = em.op("Concat", [target, filler], {"axis": 0}, dtype=np.int64)
-    return em.op("Reshape", [joined, n], dtype=np.int64, hint="lrp_targets")
+    empty = em.cast(em.op("Equal", [size, em.const(0, np.int64)], dtype=np.bool_), np.int64)
+    count = em.op("Mul", [n, empty], dtype=np.int64) if width == 1 else em.op(
+        "Mul", [em.op("Mul", [n, empty], dtype=np.int64), em.ints([width])], dtype=np.int64)
+    filler = em.op("Expand", [em.ints([-1]), count], dtype=np.int64)
+    flat = target if width == 1 else em.op("Reshape", [target, em.ints([-1])], dtype=np.int64)
+    joined = em.op("Concat", [flat, filler], {"axis": 0}, dtype=np.int64)
+    return em.op("Reshape", [joined, rows], dtype=np.int64, hint="lrp_targets")
 
 
 def _chosen(em: Emitter, scores, target):

@@ -168,12 +168,9 @@ def committing(path):
     block it (onnxruntime's pool). Only the main thread can set handlers; elsewhere
     nothing is held.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        WRITTEN.append(Path(path))
-        return
     arrived: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in _STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in _STOP_SIGNALS} \
+        if threading.current_thread() is threading.main_thread() else {}
     try:
         yield
         WRITTEN.append(Path(path))

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .emit import REGION_NAME, TARGET_NAME
 from .errors import LrpcError
+from .runtime.analyzer import _numpy_type
 
 log = logging.getLogger("lrpc.serve")
 
@@ -70,67 +72,55 @@ class Handler:
     session run, split back per request."""
 
     def __init__(self, analyzer):
-        from .emit import REGION_NAME, TARGET_NAME
-
         self.analyzer = analyzer
         session = analyzer.session
-        self.target_name, self.region_name = TARGET_NAME, REGION_NAME
         self.inputs = [i for i in session.get_inputs() if i.name not in (TARGET_NAME, REGION_NAME)]
         self.outputs = session.get_outputs()
-        from .runtime.analyzer import _numpy_type
-
         self.dtypes = [np.dtype(_numpy_type(o.type)) for o in self.outputs]
-        self.has_region = any(i.name == REGION_NAME for i in session.get_inputs())
-        self.classes: int | None = None
+        # dense outputs: the whole output counts (no region over the wire yet)
+        region = next((i for i in session.get_inputs() if i.name == REGION_NAME), None)
+        self.region = None if region is None else np.ones([1] * len(region.shape), dtype=np.float32)
 
     def tensors(self):
         """PyTriton's input and output declarations: per-sample shapes, -1 where dynamic."""
         from pytriton.model_config import Tensor
 
-        from .runtime.analyzer import _numpy_type
-
         def per_sample(shape):
             return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape[1:]) or (1,)
 
         inputs = [Tensor(name=i.name, dtype=_numpy_type(i.type), shape=per_sample(i.shape)) for i in self.inputs]
-        inputs.append(Tensor(name=self.target_name, dtype=np.int64, shape=(1,), optional=True))
-        outputs = [Tensor(name=o.name, dtype=_numpy_type(o.type), shape=per_sample(o.shape)) for o in self.outputs]
+        inputs.append(Tensor(name=TARGET_NAME, dtype=np.int64, shape=(1,), optional=True))
+        outputs = [Tensor(name=o.name, dtype=dtype.type, shape=per_sample(o.shape))
+                   for o, dtype in zip(self.outputs, self.dtypes)]
         return inputs, outputs
 
-    def _check(self, request) -> tuple[dict, int]:
+    def _check(self, request) -> dict:
         data = request.data
         missing = [i.name for i in self.inputs if i.name not in data]
         if missing:
             raise RequestError(f"missing input(s) {', '.join(missing)}")
         feeds = {i.name: np.asarray(data[i.name]) for i in self.inputs}
         rows = feeds[self.inputs[0].name].shape[0]
-        if self.target_name in data:
-            target = np.asarray(data[self.target_name]).reshape(-1).astype(np.int64)
+        if TARGET_NAME in data:
+            target = np.asarray(data[TARGET_NAME]).reshape(-1).astype(np.int64)
             if target.size != rows:
-                raise RequestError(f"{self.target_name} has {target.size} row(s) for {rows} sample(s)")
-            classes = self._classes(feeds)
+                raise RequestError(f"{TARGET_NAME} has {target.size} row(s) for {rows} sample(s)")
+            classes = self.analyzer._classes({k: v[:1] for k, v in feeds.items()})
             bad = target[(target < -1) | (target >= classes)]
             if bad.size:
-                raise RequestError(f"{self.target_name} {int(bad[0])} is out of range: -1 (the arg-max) "
+                raise RequestError(f"{TARGET_NAME} {int(bad[0])} is out of range: -1 (the arg-max) "
                                    f"or 0..{classes - 1}")
         else:
             target = np.full(rows, -1, dtype=np.int64)
-        feeds[self.target_name] = target
-        return feeds, rows
-
-    def _classes(self, feeds: dict) -> int:
-        if self.classes is None:
-            self.classes = self.analyzer._classes({k: v[:1] for k, v in feeds.items()})
-        return self.classes
+        feeds[TARGET_NAME] = target
+        return feeds
 
     def _run(self, parts: list[dict]) -> list[dict]:
         """One session run over the concatenated requests."""
-        names = [i.name for i in self.inputs] + [self.target_name]
-        feeds = {name: np.concatenate([p[name] for p in parts]) for name in names}
-        rows = [len(p[self.target_name]) for p in parts]
-        if self.has_region:  # dense outputs: the whole output counts (no region over the wire yet)
-            region = next(i for i in self.analyzer.session.get_inputs() if i.name == self.region_name)
-            feeds[self.region_name] = np.ones([1] * len(region.shape), dtype=np.float32)
+        feeds = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        rows = [len(p[TARGET_NAME]) for p in parts]
+        if self.region is not None:
+            feeds[REGION_NAME] = self.region
         # the declared numpy type exactly: onnxruntime may hand int64 back as numpy's
         # longlong, equal in size but not the type PyTriton's output check compares against
         # and one value per row ([N]: lrp_class, lrp_logit) as [N, 1]: Triton needs a dimension
@@ -146,7 +136,7 @@ class Handler:
         checked: list = []
         for request in requests:
             try:
-                checked.append(self._check(request)[0])
+                checked.append(self._check(request))
             except RequestError as exc:
                 checked.append(exc)
         good = [c for c in checked if isinstance(c, dict)]
@@ -249,14 +239,10 @@ def serve(model_path, options: ServeOptions) -> int:
     except ImportError:
         raise LrpcError("lrpc serve needs PyTriton: pip install 'lrpc[cpu,serve]' (it pins numpy<2; give it its "
                         "own environment)") from None
-    from .files import load_model
     from .runtime import LRP
-    from .runtime.analyzer import _is_compiled
+    from .runtime.analyzer import load_compiled
 
-    proto = load_model(model_path)
-    if not _is_compiled(proto):
-        raise LrpcError(f"{model_path}: not a compiled file; run lrpc compile first")
-    handler = Handler(LRP(proto, providers=options.providers, threads=options.threads))
+    handler = Handler(LRP(load_compiled(model_path), providers=options.providers, threads=options.threads))
     inputs, outputs = handler.tensors()
     ports = {key: getattr(options, f"{key}_port") or free_port(options.host) for key in ("http", "grpc", "metrics")}
     _libpython_first()

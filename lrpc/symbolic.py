@@ -63,6 +63,10 @@ class Emitter:
         self._memo[key] = result
         return result
 
+    def cast(self, value, dtype):
+        """``value`` as ``dtype`` (a Cast node)."""
+        return self.op("Cast", [value], {"to": _onnx_dtype(dtype)}, dtype=dtype)
+
     def const(self, value, dtype=None) -> gs.Constant:
         """A (cached) initializer for a small constant."""
         arr = np.asarray(value, dtype=dtype if dtype is not None else self.dtype)

@@ -14,7 +14,7 @@ import onnx
 
 from .emit import REGION_NAME, TARGET_NAME
 from .errors import LrpcError
-from .files import OutputFolder, load_model, save_model
+from .files import OutputFolder, save_model
 
 # ONNX element types as Triton names them
 _TRITON_TYPES = {
@@ -66,11 +66,9 @@ def model_config(model: onnx.ModelProto, name: str, max_batch_size: int = 64, qu
 def export_triton(model_path, repository, name: str = "lrpc", **config) -> Path:
     """Write ``repository/name/{config.pbtxt, 1/model.onnx}``; an earlier export of the same
     name is replaced as a whole. Returns the model's folder."""
-    from .runtime.analyzer import _is_compiled
+    from .runtime.analyzer import load_compiled
 
-    model = load_model(model_path)
-    if not _is_compiled(model):
-        raise LrpcError(f"{model_path}: not a compiled file; run lrpc compile first")
+    model = load_compiled(model_path)
     if not name or "/" in name or name in (".", ".."):
         raise LrpcError(f"--model-name {name!r}: give a plain folder name")
     text = model_config(model, name, **config)

@@ -49,7 +49,7 @@ def _route_to_first_maximum(em, layer, a: Sym, s: Sym):
     strides = int_list(node, "strides", [1] * n)
     dilations = int_list(node, "dilations", [1] * n)
     pads = int_list(node, "pads", [0] * (2 * n))
-    channels, spatial, pooled = in_shape[1], list(in_shape[2:]), list(out_shape[2:])
+    spatial, pooled = list(in_shape[2:]), list(out_shape[2:])
     # pad with the lowest value (a pad never wins) far enough for every window, ceil_mode too
     reach = [(o - 1) * st + (k - 1) * d + 1 for o, st, k, d in zip(pooled, strides, kernel, dilations)]
     end_pads = [max(r - pads[i] - size, pads[n + i]) for i, (r, size) in enumerate(zip(reach, spatial))]
@@ -66,7 +66,7 @@ def _route_to_first_maximum(em, layer, a: Sym, s: Sym):
         hit = em.op("Equal", [seen, m], dtype=np.bool_)
         first = hit if taken is None else em.op("And", [hit, em.op("Not", [taken], dtype=np.bool_)], dtype=np.bool_)
         taken = hit if taken is None else em.op("Or", [taken, hit], dtype=np.bool_)
-        share = em.op("Cast", [first], {"to": helper.np_dtype_to_tensor_dtype(em.dtype)}, dtype=em.dtype)
+        share = em.cast(first, em.dtype)
         shares[tuple(starts)] = (s * em.sym(share, nonneg=True)).value
     placed, length = _interleave(em, shares, strides, pooled)
     need = [p + size for p, size in zip(pads, spatial)]
@@ -165,8 +165,7 @@ def _avgpool_vjp(em, layer, inputs, params, s):
 def _reduce_count(em: Emitter, a, axes: list[int]) -> Sym:
     dims = em.op("Gather", [em.shape_of(a), em.ints(axes)], {"axis": 0}, dtype=np.int64)
     count = em.op("ReduceProd", [dims], {"keepdims": 0}, dtype=np.int64)
-    to = helper.np_dtype_to_tensor_dtype(em.dtype)
-    return em.sym(em.op("Cast", [count], {"to": to}, dtype=em.dtype))
+    return em.sym(em.cast(count, em.dtype))
 
 
 def _mean_vjp(em, layer, s, axes: list[int], keepdims: bool) -> list:

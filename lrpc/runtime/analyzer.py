@@ -52,6 +52,17 @@ def _is_compiled(model: onnx.ModelProto) -> bool:
     return any(p.key == "lrpc.version" for p in model.metadata_props)
 
 
+def load_compiled(source) -> onnx.ModelProto:
+    """A file ``lrpc compile`` wrote (path, bytes or ModelProto); anything else is refused
+    in one line (serving and exporting take compiled files only)."""
+    from ..files import load_model
+
+    model = load_model(source)
+    if not _is_compiled(model):
+        raise LrpcError(f"{source}: not a compiled file; run lrpc compile first")
+    return model
+
+
 class LRP:
     """``LRP(model, composite)``: compile ``model`` with ``composite`` and open a session.
 

@@ -142,10 +142,7 @@ def main(argv=None) -> int:
           f"{spread:.1f} s")
     if args.output:
         info = run.machine_info(0)
-        lines = ["## Explaining a folder (`lrpc explain`)", "",
-                 f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-                 f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} memory; lrpc at commit "
-                 f"{info['lrpc_commit']}",
+        lines = [*run.section_head("Explaining a folder (`lrpc explain`)", info),
                  f"- Command: `python benchmarks/explain_throughput.py --images {args.images} --output BENCHMARKS.md`; "
                  f"batch {args.batch_size}; explain with `--no-heatmaps -q` (reading, preprocessing, the session, "
                  "relevance.npz, summary.json); bare: `LRP.analyze` on arrays in memory",

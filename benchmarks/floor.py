@@ -16,9 +16,7 @@ inference.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -86,16 +84,6 @@ def floor_model(compiled: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto,
     return model, missing
 
 
-def timed(session, feeds: dict, repeats: int) -> float:
-    session.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def measure(name: str, batch: int, composite: str, threads: int, repeats: int) -> dict:
     import models
     import run
@@ -113,10 +101,10 @@ def measure(name: str, batch: int, composite: str, threads: int, repeats: int) -
         [d if isinstance(d, int) else batch for d in i.shape]).astype(np.float32) for i in floored.get_inputs()}
     result = {"model": name, "batch": batch, "composite": composite, "heavy_nodes": len(floor.graph.node),
               "missing": missing}
-    result["plain_ms"] = timed(plain, {"input": x}, repeats)
-    result["lrpc_ms"] = timed(explained, {"input": x}, repeats)
-    result["floor_ms"] = timed(floored, floor_feeds, repeats)
-    return result
+    timings = run.measure_interleaved({"plain": lambda: plain.run(None, {"input": x}),
+                                       "lrpc": lambda: explained.run(None, {"input": x}),
+                                       "floor": lambda: floored.run(None, floor_feeds)}, warmup=1, repeats=repeats)
+    return {**result, **{f"{name}_ms": timing.median_ms for name, (timing, _) in timings.items()}}
 
 
 def main(argv=None) -> int:
@@ -142,10 +130,8 @@ def main(argv=None) -> int:
                   f"{row['lrpc_ms'] / row['plain_ms']:.2f}x", flush=True)
     if args.output:
         info = run.machine_info(args.threads)
-        lines = ["## The floor: the compiled file's convolutions alone", "",
-                 f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-                 f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} memory; lrpc at commit "
-                 f"{info['lrpc_commit']}; {args.threads} intra-op threads, median of {args.repeats} calls",
+        lines = [*run.section_head("The floor: the compiled file's convolutions alone", info),
+                 f"- Settings: {args.threads} intra-op threads, median of {args.repeats} interleaved rounds",
                  "- Floor: every Conv, ConvTranspose, Gemm and MatMul of the compiled file, at the sizes it sees "
                  "there, each on its own random input, in one session (`benchmarks/floor.py`); the goal is "
                  "lrpc ≤ 1.15× the floor", "",

@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -101,10 +100,7 @@ def main(argv=None) -> int:
         info = run.machine_info(args.threads)
         head = "| model | batch | plain GiB | lrpc GiB | lrpc/plain |" + (" Zennit GiB | Zennit/lrpc |" if
                                                                            "zennit" in contenders else "") + " goal |"
-        lines = ["## Peak memory of one explanation", "",
-                 f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-                 f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} memory; lrpc at commit "
-                 f"{info['lrpc_commit']}",
+        lines = [*run.section_head("Peak memory of one explanation", info),
                  "- Each contender in a fresh process, two calls on the seeded input, peak resident set as the OS "
                  "reports it (interpreter and libraries included); lrpc: EpsilonPlusFlat; goal lrpc ≤ 2.5× plain", "",
                  head, "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if "zennit" in contenders else "")

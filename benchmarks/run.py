@@ -757,6 +757,13 @@ def write_markdown(path: str, section: str, begin: str = BEGIN, end: str = END) 
     os.replace(tmp, path)
 
 
+def section_head(title: str, info: dict) -> list[str]:
+    """The first lines of a BENCHMARKS.md section: title, date, machine and commit."""
+    return [f'## {title}', '', f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} memory, {info['os']}; lrpc at commit "
+            f"{info['lrpc_commit']}"]
+
+
 def write_section(path: str, lines: list[str], begin: str, end: str) -> None:
     """``lines`` between ``begin`` and ``end`` in ``path`` (see :func:`write_markdown`)."""
     write_markdown(path, '\n'.join([begin, *lines, '', end]), begin, end)

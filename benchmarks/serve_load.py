@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,10 +159,8 @@ def main(argv=None) -> int:
     print(f"server stopped, exit {code}")
     if args.output:
         info = run.machine_info(args.threads)
-        lines = ["## Serving (`lrpc serve`)", "",
-                 f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-                 f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} memory, {info['os']}",
-                 f"- lrpc at commit {info['lrpc_commit']}; server: PyTriton 0.7.0 (Triton 2.51), onnxruntime CPU, "
+        lines = [*run.section_head("Serving (`lrpc serve`)", info),
+                 "- Server: PyTriton 0.7.0 (Triton 2.51), onnxruntime CPU, "
                  f"{args.threads} intra-op threads; clients: tritonclient HTTP on the same machine",
                  f"- Command: `python benchmarks/serve_load.py --output BENCHMARKS.md` ({args.seconds:.0f} s per "
                  f"client count; max batch {args.max_batch_size}, queue delay {args.queue_delay_us} us)",

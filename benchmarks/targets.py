@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,27 +55,16 @@ def main(argv=None) -> int:
     def k_calls():
         return [session_1.run(None, {"input": x, "lrp_target": classes[:, j].copy()}) for j in range(args.k)]
 
-    one_call(), k_calls()
-    together, apart = [], []
-    for _ in range(args.repeats):  # interleaved, so a slow patch of the machine hits both
-        t = time.perf_counter()
-        one_call()
-        together.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        k_calls()
-        apart.append(time.perf_counter() - t)
-    one_ms, k_ms = statistics.median(together) * 1e3, statistics.median(apart) * 1e3
+    timings = run.measure_interleaved({"one": one_call, "apart": k_calls}, warmup=1, repeats=args.repeats)
+    one_ms, k_ms = timings["one"][0].median_ms, timings["apart"][0].median_ms
     ratio = one_ms / k_ms
     floor = (2 + args.k) / (3 * args.k)
     print(f"{args.model} batch {args.batch}, K={args.k}: one call {one_ms:.0f} ms, {args.k} single calls "
           f"{k_ms:.0f} ms -> {ratio:.2f} (floor {floor:.2f}); compile {compile_s:.1f} s")
     if args.output:
         info = run.machine_info(args.threads)
-        lines = ["## K classes in one call", "",
-                 f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-                 f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} memory; lrpc at commit "
-                 f"{info['lrpc_commit']}; {args.threads} intra-op threads, median of {args.repeats} interleaved "
-                 "rounds",
+        lines = [*run.section_head("K classes in one call", info),
+                 f"- Settings: {args.threads} intra-op threads, median of {args.repeats} interleaved rounds",
                  f"- Command: `python benchmarks/targets.py --k {args.k} --batch {args.batch} --output BENCHMARKS.md`",
                  "", "| model | batch | K | one call ms | K single calls ms | ratio | floor (2+K)/3K | goal ≤ 0.45 | "
                  "compile s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",

@@ -10,6 +10,7 @@ import pytest
 
 import lrpc
 from lrpc.dataset import local_cluster, read_dataset
+from support.sockets import LOOPBACK, listening
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
@@ -39,26 +40,6 @@ def test_shards_on_two_workers_equal_one_local_call(many, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left beside it
 
 
-def _listening(pids) -> list[str]:
-    """Local addresses (hex) of the LISTEN sockets these processes hold."""
-    inodes = set()
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:
-                found.append(fields[1].rsplit(":", 1)[0])
-    return found
-
-
 def test_the_local_cluster_listens_on_the_loopback_only():
     from distributed import Client
 
@@ -66,10 +47,10 @@ def test_the_local_cluster_listens_on_the_loopback_only():
         workers = list(client.run(os.getpid).values())
         nannies = [w.process.pid for w in cluster.workers.values()]
         assert len(workers) == 2
-        found = _listening([os.getpid(), *workers, *nannies])
+        found = listening(pids=[os.getpid(), *workers, *nannies])
     # the scheduler (in this process), two workers and their nannies
     assert len(found) >= 5, found
-    assert set(found) <= {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}, found
+    assert set(found) <= LOOPBACK, found
 
 
 def test_command_line(many, tmp_path, cli):

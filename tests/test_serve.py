@@ -28,6 +28,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import lrpc
+from support.sockets import LOOPBACK, listening
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 SAMPLES = np.load(DIGITS / "samples.npy").astype(np.float32)
@@ -53,19 +54,6 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def listeners(ports) -> list[str]:
-    """Local addresses (hex, as /proc/net shows them) listening on ``ports``."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, port = local.rsplit(":", 1)
-            if state == "0A" and int(port, 16) in ports:  # 0A: LISTEN
-                found.append(address)
-    return found
-
-
-LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, ::ffff:127.0.0.1
 
 
 class Server:
@@ -168,7 +156,7 @@ def test_the_model_as_clients_see_it(server):
     assert server.grpc().is_model_ready("lrpc")
     # only this machine can reach it
     ports = {server.ports[k] for k in ("http", "grpc", "metrics")}
-    found = listeners(ports)
+    found = listening(ports)
     assert len(found) >= 3 and set(found) <= LOOPBACK, found
 
 
@@ -276,7 +264,7 @@ def test_a_signal_stops_the_server_and_everything_it_started(compiled, tmp_path,
     while (descendants_alive := [p for p in children if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
         time.sleep(0.3)
     assert not descendants_alive
-    assert not listeners(ports)
+    assert not listening(ports)
     assert not list(running.home.glob("workspace_*"))
     running.cleanup()
 

@@ -25,15 +25,21 @@ _TRITON_TYPES = {
 }
 
 
-def _tensor_entry(value: onnx.ValueInfoProto, optional: bool = False) -> str:
+def _dims(value: onnx.ValueInfoProto) -> list[int]:
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+
+
+def _tensor_entry(value: onnx.ValueInfoProto, batched: bool, optional: bool = False) -> str:
     kind = value.type.tensor_type
     if not value.type.HasField("tensor_type") or kind.elem_type not in _TRITON_TYPES:
         raise LrpcError(f"{value.name!r}: Triton has no tensor type for it")
-    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
+    dims = _dims(value)
     if not dims:
         raise LrpcError(f"{value.name!r}: a tensor without a batch dimension cannot be batched")
     lines = [f'    name: "{value.name}"', f"    data_type: {_TRITON_TYPES[kind.elem_type]}"]
-    if len(dims) == 1:  # one value per row: Triton needs a dimension, the file has none
+    if not batched:  # the file's own shape, batch axis included
+        lines.append(f"    dims: [ {', '.join(str(d) for d in dims)} ]")
+    elif len(dims) == 1:  # one value per row: Triton needs a dimension, the file has none
         lines += ["    dims: [ 1 ]", "    reshape: { shape: [ ] }"]
     else:
         lines.append(f"    dims: [ {', '.join(str(d) for d in dims[1:])} ]")
@@ -44,20 +50,23 @@ def _tensor_entry(value: onnx.ValueInfoProto, optional: bool = False) -> str:
 
 def model_config(model: onnx.ModelProto, name: str, max_batch_size: int = 64, queue_delay_us: int = 2000,
                  gpu: bool = False, instances: int = 1) -> str:
-    """The ``config.pbtxt`` text for a compiled model."""
+    """The ``config.pbtxt`` text for a compiled model. A model exported with a fixed batch
+    size cannot take Triton's batches: it gets ``max_batch_size: 0`` (each request is one
+    call of the model's own shape) and no dynamic batching."""
     if max_batch_size < 1:
         raise LrpcError(f"max_batch_size must be at least 1, got {max_batch_size}")
     defaults = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in defaults or i.name in (TARGET_NAME, REGION_NAME)]
-    entries = [_tensor_entry(i, optional=i.name in defaults) for i in inputs]
-    outputs = [_tensor_entry(o) for o in model.graph.output]
+    batched = all(_dims(i)[:1] == [-1] for i in inputs if i.name not in (TARGET_NAME, REGION_NAME))
+    entries = [_tensor_entry(i, batched, optional=i.name in defaults) for i in inputs]
+    outputs = [_tensor_entry(o, batched) for o in model.graph.output]
     return "\n".join([
         f'name: "{name}"',
         'platform: "onnxruntime_onnx"',
-        f"max_batch_size: {max_batch_size}",
+        f"max_batch_size: {max_batch_size if batched else 0}",
         "input [\n" + ",\n".join(entries) + "\n]",
         "output [\n" + ",\n".join(outputs) + "\n]",
-        f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}",
+        *([f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}"] if batched else []),
         f"instance_group [ {{ kind: {'KIND_GPU' if gpu else 'KIND_CPU'} count: {instances} }} ]",
         "",
     ])

@@ -71,3 +71,21 @@ def test_a_model_that_is_not_compiled_is_refused(cli, tmp_path):
     assert done.err.strip().splitlines() == [f"lrpc: error: {DIGITS / 'digits_cnn.onnx'}: not a compiled file; "
                                              "run lrpc compile first"]
     assert not (tmp_path / "repo" / "lrpc").exists()
+
+
+def test_a_model_with_a_fixed_batch_is_not_batched_by_triton(cli, tmp_path):
+    """Triton can only batch along a dynamic first axis: a model exported with batch 1
+    baked in gets max_batch_size 0, its own full shapes and no dynamic batching."""
+    import onnx
+
+    model = onnx.load(DIGITS / "digits_cnn.onnx")
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, tmp_path / "fixed.onnx")
+    lrpc.compile_file(tmp_path / "fixed.onnx", tmp_path / "fixed.lrp.onnx", target_input="required")
+    assert cli("export", "triton", tmp_path / "fixed.lrp.onnx", tmp_path / "repo", "-q").code == 0
+    config = read_config(tmp_path / "repo" / "lrpc")
+    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+    inputs = {i.name: (list(i.dims), i.HasField("reshape")) for i in config.input}
+    assert inputs == {"input": ([1, 1, 8, 8], False), "lrp_target": ([-1], False)}
+    assert {o.name: list(o.dims) for o in config.output} == {"probabilities": [1, 10], "relevance": [1, 1, 8, 8]}

@@ -4,7 +4,8 @@
 only), cuts the plan into shards, and hands each shard to a Dask worker: the worker opens
 the compiled file once (an onnxruntime session per worker process, kept between shards),
 reads and preprocesses its samples, explains them batch by batch, and writes
-``shard_NNNNN.npz`` (``relevance``, the explained ``output``, ``target``, ``index``). The
+``shard_NNNNN.npz`` (``relevance``, the explained ``output``, ``target``; for a file
+compiled with ``--targets K``, ``relevance`` ``[n, K, ...]`` and ``target`` ``[n, K]``). The
 driver shows a progress bar and writes ``index.json`` last; the folder appears whole or not
 at all (:class:`lrpc.files.OutputFolder`).
 
@@ -56,12 +57,17 @@ def _explain_shard(model: str, samples: list, spec, prep, batch_size: int, threa
     if analyzer is None:
         analyzer = _SESSIONS[model] = LRP(model, threads=threads, providers=["cpu"])
     relevance, output, target = [], [], []
+    k = analyzer.targets
     for start in range(0, len(samples), batch_size):
         x, _ = load(samples[start:start + batch_size], spec, prep)
         explanation = analyzer.analyze(x)
-        relevance.append(explanation.val)
+        val, chosen = explanation.val, explanation.output_selection
+        if k > 1:  # a file of K targets: [K·b, ...] target-major -> [b, K, ...], sample-major like the shards
+            val = val.reshape(k, len(x), *val.shape[1:]).swapaxes(0, 1)
+            chosen = chosen.reshape(k, len(x)).T
+        relevance.append(val)
         output.append(explanation.output)
-        target.append(explanation.output_selection)
+        target.append(chosen)
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, relevance=np.concatenate(relevance), output=np.concatenate(output),
              target=np.concatenate(target))

@@ -61,3 +61,14 @@ def test_command_line(many, tmp_path, cli):
     assert read_dataset(tmp_path / "out")["relevance"].shape == (24, 1, 8, 8)
     bad = cli("explain-dataset", DIGITS / "digits_cnn.onnx", many, "-o", tmp_path / "x", "--shard-size", "0")
     assert bad.code == 2 and len(bad.err_lines) == 1
+
+
+def test_a_file_of_several_targets_gives_k_rows_per_sample(many, tmp_path):
+    compiled = lrpc.compile_file(DIGITS / "digits_cnn.onnx", tmp_path / "k.lrp.onnx", lrpc.EpsilonPlus(), targets=3)
+    lrpc.explain_dataset(compiled, [many], tmp_path / "out", workers=2, shard_size=7, batch_size=4, progress=False)
+    got = read_dataset(tmp_path / "out")
+    want = lrpc.LRP(compiled).analyze(np.load(many))
+    n = len(np.load(many))
+    assert got["relevance"].shape == (n, 3, 1, 8, 8) and got["target"].shape == (n, 3)
+    np.testing.assert_allclose(got["relevance"], want.val.reshape(3, n, 1, 8, 8).swapaxes(0, 1), atol=1e-6)
+    np.testing.assert_array_equal(got["target"], want.output_selection.reshape(3, n).T)

@@ -89,3 +89,11 @@ def test_a_model_with_a_fixed_batch_is_not_batched_by_triton(cli, tmp_path):
     inputs = {i.name: (list(i.dims), i.HasField("reshape")) for i in config.input}
     assert inputs == {"input": ([1, 1, 8, 8], False), "lrp_target": ([-1], False)}
     assert {o.name: list(o.dims) for o in config.output} == {"probabilities": [1, 10], "relevance": [1, 1, 8, 8]}
+
+
+def test_a_file_of_several_targets_is_refused(cli, tmp_path):
+    lrpc.compile_file(DIGITS / "digits_cnn.onnx", tmp_path / "k.lrp.onnx", targets=2)
+    done = cli("export", "triton", tmp_path / "k.lrp.onnx", tmp_path / "repo")
+    assert done.code == 2
+    assert done.err.strip().splitlines() == [f"lrpc: error: {tmp_path / 'k.lrp.onnx'}: compiled with --targets 2; "
+                                             "servers take one target per sample (compile without --targets)"]

@@ -53,13 +53,18 @@ def _is_compiled(model: onnx.ModelProto) -> bool:
 
 
 def load_compiled(source) -> onnx.ModelProto:
-    """A file ``lrpc compile`` wrote (path, bytes or ModelProto); anything else is refused
-    in one line (serving and exporting take compiled files only)."""
+    """A file ``lrpc compile`` wrote (path, bytes or ModelProto) for a server: anything else
+    is refused in one line, and so is a file of several targets per sample, whose rows
+    (``[K·N]``, target-major) a server could not split back per request."""
     from ..files import load_model
 
     model = load_model(source)
     if not _is_compiled(model):
         raise LrpcError(f"{source}: not a compiled file; run lrpc compile first")
+    meta = {p.key: p.value for p in model.metadata_props}
+    if int(meta.get("lrpc.targets", 1)) > 1:
+        raise LrpcError(f"{source}: compiled with --targets {meta['lrpc.targets']}; servers take one target per "
+                        "sample (compile without --targets)")
     return model
 
 

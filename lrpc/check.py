@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .deployed import is_quantized_op
 from .errors import UnsupportedModelError
 from .graph import Program, static_shape
 from .layers import LayerTable
@@ -87,6 +88,9 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
             elif node.domain == "ai.onnx.ml":
                 reason = f"LRP explains neural networks; {node.op} (ai.onnx.ml) is not a neural-network layer"
                 kind = NOT_A_NETWORK
+            elif is_quantized_op(node.op):
+                reason = f"{node.op}: quantized op without a rule"
+                kind = "quantized"
             elif node.op in RECURRENT:
                 reason = "recurrent layers (LSTM, GRU, RNN) are not supported"
                 kind = "recurrent"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import version_converter
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
@@ -17,6 +18,7 @@ from .check import CheckReport, check_layers, raise_if_unsupported
 from .composites import Composite, EpsilonPlusFlat
 from .emit import REGION_NAME, TARGET_NAME, ConceptSpec, emit_relevance
 from .errors import LrpcError
+from .deployed import FLOATS, analysis_twin, needs_twin, relevance_type, stitch
 from .files import check, load_model, save_model
 from .graph import Program
 from .layers import LayerTable, find_layers
@@ -39,6 +41,7 @@ class Analysis:
     report: CheckReport
     rules: list[Rule]
     composite: Composite
+    relevance_dtype: str | None = None
 
     def layer_rules(self) -> list[tuple[Layer, Rule]]:
         return list(zip(self.table.layers, self.rules))
@@ -82,12 +85,18 @@ def analyze_model(
     position: int | None = None,
     split_layernorm: bool = False,
     max_constant_bytes: int | None = None,
+    relevance_dtype: str | None = None,
 ) -> Analysis:
-    """Everything up to emission: canonize, check, assign rules."""
+    """Everything up to emission: canonize, check, assign rules. A quantized or
+    half-precision model is analysed through its float twin (:mod:`lrpc.deployed`);
+    ``relevance_dtype`` (``"float32"``, ``"float16"``) is the twin's precision."""
     composite = _as_composite(composite)
     proto = load_model(model)
     _refuse_compiled(proto)
-    program = name_from_scopes(Program.from_model(proto), proto)
+    relevance_type(relevance_dtype)  # validated before any work
+    twin = analysis_twin(proto, relevance_dtype) if needs_twin(proto, relevance_dtype) else proto
+    program = name_from_scopes(Program.from_model(twin), twin)
+    program.deployed = proto if twin is not proto else None
     program = canonize(program, input_name=input_name, output_name=output_name, position=position,
                        split_layernorms=split_layernorm, max_constant_bytes=max_constant_bytes)
     table = find_layers(program)
@@ -98,7 +107,7 @@ def analyze_model(
     if expected is not None and expected != len(table.layers):
         raise LrpcError(f"got {expected} rules for a model with {len(table.layers)} layers")
     rules = composite.assign(table.layers)
-    return Analysis(program, table, report, rules, composite)
+    return Analysis(program, table, report, rules, composite, relevance_dtype)
 
 
 def _refuse_compiled(model: onnx.ModelProto) -> None:
@@ -132,6 +141,7 @@ def compile(
     labels: bool = False,
     target_input: str = "optional",
     targets: int = 1,
+    relevance_dtype: str | None = None,
 ) -> onnx.ModelProto:
     """Compile ``model`` (path or ModelProto) into an ONNX model that also returns ``relevance``.
 
@@ -151,12 +161,15 @@ def compile(
     logit (``lrp_logit``). ``target_input``: ``"optional"`` (``lrp_target`` defaults to the
     arg-max) or ``"required"`` (a plain input every runtime and server lists). ``targets``:
     K > 1 explains K classes per sample in one call: ``lrp_target`` ``[N, K]`` (default:
-    each sample's top K), ``relevance`` ``[K·N, ...]``, target-major.
+    each sample's top K), ``relevance`` ``[K·N, ...]``, target-major. ``relevance_dtype``:
+    the precision of the relevance pass of a quantized or half-precision model
+    (``"float32"``, the default, or ``"float16"``); without it ``relevance`` has the
+    explained input's dtype.
     """
     analysis = analyze_model(
         model, composite, input_name=input_name, output_name=output_name,
         skip_checks=skip_checks, verbose=verbose, position=position, split_layernorm=split_layernorm,
-        max_constant_bytes=max_constant_bytes,
+        max_constant_bytes=max_constant_bytes, relevance_dtype=relevance_dtype,
     )
     return emit_model(analysis, normalize_output_relevance, relevance_at=relevance_at,
                       crp_layer=crp_layer, features=features, report=report, labels=labels,
@@ -231,9 +244,19 @@ def emit_model(
                                           for layer, rule in analysis.layer_rules()])
     if concept is not None:
         meta["lrpc.crp"] = f"{concept.layer.index}:{concept.layer.name} {concept.features!r}"
+    if program.deployed is not None:
+        meta["lrpc.deployed"] = "twin"
     for key, value in meta.items():
         entry = out.metadata_props.add()
         entry.key, entry.value = key, value
+    if program.deployed is not None:
+        out = _deployed_file(program, out, emitted.relevance.name, analysis.relevance_dtype)
+        try:
+            check(out, "compiled model", full=True)
+        except LrpcError as exc:
+            raise LrpcError(f"internal error: the compiled model fails the ONNX checker: {exc}") from None
+        _verify_loads(out)
+        return out
     try:
         light = program.to_model(light=True)  # the checker needs shapes, not weights
         light.graph.initializer.extend(defaults)
@@ -242,6 +265,38 @@ def emit_model(
         raise LrpcError(f"internal error: the compiled model fails the ONNX checker: {exc}") from None
     _verify_loads(out)
     return out
+
+
+def _deployed_file(program: Program, twin: onnx.ModelProto, relevance: str, relevance_dtype) -> onnx.ModelProto:
+    """The deployed model's own forward in front of the compiled twin (lrpc.deployed.stitch),
+    its opset raised to the twin's where the canonizing passes raised that; ``relevance``
+    in the explained tensor's own dtype unless ``relevance_dtype`` was given."""
+    deployed = program.deployed
+    opset = next((o.version for o in deployed.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset < program.opset:
+        try:
+            deployed = version_converter.convert_version(deployed, program.opset)
+        except Exception as exc:  # the converter raises bare RuntimeErrors
+            raise LrpcError(f"cannot upgrade the deployed model's opset {opset} to {program.opset}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    out_type = None
+    if relevance_dtype is None:
+        explained = _declared_type(deployed, program.explained_name)
+        out_type = explained if explained in FLOATS else None
+    return stitch(deployed, twin, relevance, out_type)
+
+
+def _declared_type(model: onnx.ModelProto, name: str) -> int | None:
+    """The element type ``model`` declares or infers for tensor ``name``."""
+    graph = model.graph
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        if vi.name == name:
+            return vi.type.tensor_type.elem_type
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # shape inference refuses some contrib graphs: keep the twin's dtype
+        return None
+    return next((vi.type.tensor_type.elem_type for vi in inferred.value_info if vi.name == name), None)
 
 
 def _verify_loads(model: onnx.ModelProto) -> None:

@@ -55,6 +55,9 @@ class Program:
     # fused node -> the original nodes with their inputs and outputs (see fuse())
     fused: dict[int, list[tuple[gs.Node, list, list]]] = field(default_factory=dict)
     output_types: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
+    # a deployed form (quantized, half precision): the input model, whose forward the
+    # compiled file runs, while this program is its float analysis twin (lrpc.deployed)
+    deployed: onnx.ModelProto | None = None
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> "Program":

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from .graph import Program, is_float, relevance_path
+from .deployed import is_quantized_op
 from .registry import lookup
 from .spec import SHAPE_READERS, TRANSPARENT, Layer
 
@@ -72,13 +73,23 @@ def find_layers(program: Program) -> LayerTable:
 def _blocked(node: gs.Node, slot: int) -> bool:
     """Edges relevance never takes: into shape computations, into ops whose outputs are
     all integers or booleans (comparisons, ``IsNaN``, casts to int: relevance cannot live
-    there), and those the op's spec names (the gate of a gating product)."""
+    there, except the integers of a quantized graph, which stand for float values), and
+    those the op's spec names (the gate of a gating product)."""
     if node.op in SHAPE_READERS:
         return True
-    if node.outputs and not any(is_float(t) for t in node.outputs):
+    if _quantization_parameter(node.inputs[slot]):
+        return True
+    if node.outputs and not any(is_float(t) for t in node.outputs) and not is_quantized_op(node.op):
         return True
     spec = lookup(node.op)
     return bool(spec and spec.blocks and spec.blocks(node, slot))
+
+
+def _quantization_parameter(tensor) -> bool:
+    """The scale or zero point that ``DynamicQuantizeLinear`` computes from its input: a
+    constant for relevance, like a weight (the quantized values carry the relevance)."""
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    return producer is not None and producer.op == "DynamicQuantizeLinear" and tensor is not producer.outputs[0]
 
 
 def hierarchical_indices(names: list[str]) -> list[tuple[int, ...]]:

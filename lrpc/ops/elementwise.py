@@ -108,5 +108,8 @@ SPECS = [
            gate=gate_slot),
     OpSpec("Where", Kind.ROUTING, route=_where_route, check=_where_check),
     *[activation_spec(op) for op in ACTIVATIONS],
+    # an activation's rounding in a quantized graph (QuantizeLinear -> DequantizeLinear):
+    # relevance passes through it as through an activation (straight-through)
+    *[activation_spec(op) for op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")],
 ]
 

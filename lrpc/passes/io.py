@@ -43,9 +43,9 @@ def _explained_tensor(x: gs.Variable) -> str:
     if kind is None:
         return x.name
     if kind == "f":
-        if _dtype_name(x) != "float32":
-            raise LrpcError(f"input {x.name!r} is {_dtype_name(x)}; lrpc compiles float32 models (runtimes lack "
-                            "the other precisions' kernels for the backward pass): convert the model to float32")
+        if _dtype_name(x) not in ("float32", "float16"):
+            raise LrpcError(f"input {x.name!r} is {_dtype_name(x)}; lrpc explains float32, float16 and bfloat16 "
+                            "models (runtimes lack the other precisions' kernels for the backward pass)")
         return x.name
     if kind not in "iu":
         raise LrpcError(f"input {x.name!r} has dtype {np.dtype(x.dtype)}; lrpc explains floating-point inputs "

@@ -1,0 +1,516 @@
+"""Models as deployed: quantized (QDQ, QOperator, dynamic int8, int4 ``MatMulNBits``) and
+half-precision (float16, bfloat16) graphs, explained as they compute.
+
+The compiled file of such a model holds two copies of its forward pass:
+
+- the **deployed** one, the input model's own nodes and weights, untouched: it produces the
+  model's outputs, bit-identical to the deployed file's (onnxruntime still fuses its
+  ``DequantizeLinear → Conv → QuantizeLinear`` groups into integer kernels, because nothing
+  else reads their tensors);
+- the **analysis twin**, which the relevance pass reads: the same network with every
+  quantized op written as its float equivalent between ``DequantizeLinear`` and
+  ``QuantizeLinear`` (``QLinearConv`` → DQ → ``Conv`` → Q, ``MatMulInteger`` → ``MatMul`` of
+  DQ'ed operands, ``MatMulNBits`` → ``MatMul`` with the dequantized weight), in one float
+  precision (float32 unless ``relevance_dtype`` says otherwise). Its activations are the
+  quantized model's (each ``QuantizeLinear → DequantizeLinear`` pair is a rounding, through
+  which relevance passes as through an activation: a straight-through fake quantization),
+  its weights the dequantized values, which rules modify (W⁺, W², ...).
+
+The whole pipeline (canonize, check, rules, emit) runs on the twin as on any float model;
+:func:`stitch` then renames the twin's tensors apart (``lrp/twin/...``: runtimes would
+otherwise merge equal nodes of the two copies and the deployed kernels would lose their
+fusion) and puts the deployed forward in front, whose outputs the file returns. The price
+is one extra float forward pass and the twin's float weights in the file.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import LrpcError
+
+TWIN_PREFIX = "lrp/twin/"
+MS_DOMAIN = "com.microsoft"
+
+#: relevance precisions lrpc computes in (the twin's float type)
+RELEVANCE_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+HALF = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+FLOATS = HALF | {TensorProto.FLOAT}
+
+#: ops of quantized graphs whose integer outputs still carry relevance (the analysis sees
+#: through them); anything else with integer outputs stops relevance
+QUANTIZERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+
+
+def is_quantized_op(op: str) -> bool:
+    """An op of a quantized graph (for the check's message on the ones without a rule)."""
+    return (op in QUANTIZERS or op.startswith("QLinear") or op in ("QGemm", "QAttention", "QEmbedLayerNormalization")
+            or op.endswith("Integer") or "NBits" in op or "Quantize" in op or "BlockQuantized" in op)
+
+
+# -- what form a model is in ------------------------------------------------------------
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def deployed_form(model: onnx.ModelProto) -> dict:
+    """``{"quantized": bool, "half": bool}``: what makes ``model`` a deployed form."""
+    quantized = half = False
+    for graph in _graphs(model.graph):
+        quantized = quantized or any(is_quantized_op(n.op_type) for n in graph.node)
+        half = half or any(t.data_type in HALF for t in graph.initializer) or any(
+            vi.type.tensor_type.elem_type in HALF for vi in [*graph.input, *graph.output, *graph.value_info]) or any(
+            n.op_type == "Cast" and any(a.name == "to" and a.i in HALF for a in n.attribute) for n in graph.node)
+    return {"quantized": quantized, "half": half}
+
+
+def needs_twin(model: onnx.ModelProto, relevance_dtype: str | None) -> bool:
+    form = deployed_form(model)
+    return form["quantized"] or form["half"] or relevance_dtype not in (None, "float32")
+
+
+def relevance_type(relevance_dtype: str | None) -> int:
+    if relevance_dtype is None:
+        return TensorProto.FLOAT
+    if relevance_dtype not in RELEVANCE_DTYPES:
+        raise LrpcError(f"relevance_dtype must be one of {', '.join(RELEVANCE_DTYPES)}, got {relevance_dtype!r}")
+    return RELEVANCE_DTYPES[relevance_dtype]
+
+
+# -- the analysis twin ------------------------------------------------------------------
+
+
+def analysis_twin(model: onnx.ModelProto, relevance_dtype: str | None = None) -> onnx.ModelProto:
+    """The float network the relevance pass reads (see the module docstring)."""
+    twin = copy.deepcopy(model)
+    graph = twin.graph
+    inits = {t.name: t for t in graph.initializer}
+    dropped: set[str] = set()  # first outputs of nodes a rewrite took over (an integer product's scaling)
+    rewritten = []
+    for node in graph.node:
+        rewrite = _REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx", MS_DOMAIN) else None
+        rewritten.extend(rewrite(node, inits, graph, dropped) if rewrite else [node])
+    rewritten = [n for n in rewritten if not (n.output and n.output[0] in dropped and n.op_type in ("Cast", "Mul"))]
+    rewritten = _dequantize_integer_ops(toposorted(rewritten, graph))
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    to_float(graph, relevance_type(relevance_dtype))
+    del graph.value_info[:]  # types changed: shape inference redoes them
+    if not any(n.domain == MS_DOMAIN for g in _graphs(graph) for n in g.node):
+        del twin.opset_import[:]
+        twin.opset_import.extend([o for o in model.opset_import if o.domain != MS_DOMAIN])
+    return twin
+
+
+#: ops QOperator graphs run on quantized integers as they are (they commute with
+#: dequantization: a max, a copy or a reordering of the same scale's values)
+_ON_INTEGERS = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice",
+                "Identity", "Resize", "DepthToSpace", "SpaceToDepth", "Pad"}
+
+
+def _dequantize_integer_ops(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """A standard op applied to a quantized tensor (``MaxPool`` of a ``QLinearConv``'s
+    uint8 output) becomes DQ → op → Q with that tensor's scale and zero point: the same
+    integers, and a float op in between that relevance (and MaxPool's winner) reads."""
+    params: dict[str, tuple] = {}
+    out = []
+    for node in nodes:
+        if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
+            params[node.output[0]] = (node.input[1], _arg(node, 2), _attrs(node).get("axis"))
+        x = node.input[0] if node.input else ""
+        if node.op_type not in _ON_INTEGERS or node.domain not in ("", "ai.onnx") or x not in params:
+            out.append(node)
+            continue
+        scale, zero, axis = params[x]
+        if axis is not None and node.op_type != "MaxPool":
+            out.append(node)  # a per-axis scale moves with the axes: leave the op on integers
+            continue
+        names = _Names(node)
+        dq, value = _dq(names, x, scale, zero, axis)
+        y = names(node.op_type)
+        op = helper.make_node(node.op_type, [value, *node.input[1:]], [y], name=node.name, **_attrs(node))
+        if node.op_type == "Pad" and len(node.input) > 2 and node.input[2]:
+            op.input[2] = ""  # a pad value in integers: the zero point, which dequantizes to 0
+        out.extend([dq, op, _q(names, y, scale, zero, node.output[0])])
+        if axis is not None:
+            out[-1].attribute.extend([helper.make_attribute("axis", axis)])
+        params[node.output[0]] = (scale, zero, axis)
+    return out
+
+
+class _Names:
+    """Fresh tensor names for the nodes a rewrite adds."""
+
+    def __init__(self, node: onnx.NodeProto):
+        self.base = (node.name or node.output[0]) + "/lrp_float"
+        self.count = 0
+
+    def __call__(self, what: str) -> str:
+        self.count += 1
+        return f"{self.base}/{what}_{self.count}"
+
+
+def _dq(names: _Names, x: str, scale: str, zero: str | None, axis: int | None = None) -> tuple[onnx.NodeProto, str]:
+    out = names("dq")
+    attrs = {} if axis is None else {"axis": axis}
+    return helper.make_node("DequantizeLinear", [x, scale] + ([zero] if zero else []), [out], **attrs), out
+
+
+def _q(names: _Names, y: str, scale: str, zero: str | None, out: str) -> onnx.NodeProto:
+    return helper.make_node("QuantizeLinear", [y, scale] + ([zero] if zero else []), [out])
+
+
+def _arg(node: onnx.NodeProto, i: int) -> str | None:
+    return node.input[i] if i < len(node.input) and node.input[i] else None
+
+
+def _attrs(node: onnx.NodeProto, drop=()) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in drop}
+
+
+def _per_axis(inits: dict, scale: str) -> bool:
+    t = inits.get(scale)
+    return t is not None and int(np.prod(t.dims)) > 1
+
+
+def _qlinear(float_op: str, *, inputs: int = 1, weight_axis: dict | None = None, bias: int | None = None,
+             output: int | None = None, variadic: bool = False, drop=("channels_last",)):
+    """A QOperator op seen as DQ(each input) → ``float_op`` → Q: its inputs come as
+    (tensor, scale, zero point) triples from slot 0, the output's scale and zero point
+    follow them (``output``: the slot of the output scale), ``bias`` the slot of an int32
+    bias quantized with the product of the first two inputs' scales."""
+
+    def rewrite(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+        names = _Names(node)
+        attrs = _attrs(node, drop)
+        if _attrs(node).get("channels_last", 0):
+            raise LrpcError(f"{node.name or node.op_type} ({node.op_type}): channels-last quantized ops are not "
+                            "supported")
+        nodes, floats = [], []
+        if variadic:  # QLinearConcat: Y_scale, Y_zero_point, then (X, scale, zero) triples
+            out_scale, out_zero = node.input[0], _arg(node, 1)
+            triples = [(node.input[i], node.input[i + 1], _arg(node, i + 2)) for i in range(2, len(node.input), 3)]
+        else:
+            triples = [(node.input[3 * k], node.input[3 * k + 1], _arg(node, 3 * k + 2)) for k in range(inputs)]
+            at = 3 * inputs if output is None else output
+            out_scale, out_zero = _arg(node, at), _arg(node, at + 1)
+        for k, (x, scale, zero) in enumerate(triples):
+            axis = (weight_axis or {}).get(k) if _per_axis(inits, scale) else None
+            axis = axis(node) if callable(axis) else axis
+            dq, out = _dq(names, x, scale, zero, axis)
+            nodes.append(dq)
+            floats.append(out)
+        if bias is not None and _arg(node, bias):
+            product = names("bias_scale")
+            nodes.append(helper.make_node("Mul", [triples[0][1], triples[1][1]], [product]))
+            if "alpha" in attrs and float(attrs["alpha"]) != 1.0:  # QGemm: alpha·A·B + C
+                alpha = names("alpha")
+                graph.initializer.append(numpy_helper.from_array(np.array(float(attrs["alpha"]), np.float32), alpha))
+                scaled = names("bias_scale")
+                nodes.append(helper.make_node("Mul", [product, alpha], [scaled]))
+                product = scaled
+            dq, out = _dq(names, node.input[bias], product, None, 0 if _per_axis(inits, triples[1][1]) else None)
+            nodes.append(dq)
+            floats.append(out)
+        if out_scale is None:  # QGemm without y_scale: a float output
+            nodes.append(helper.make_node(float_op, floats, list(node.output), name=node.name, **attrs))
+            return nodes
+        y = names(float_op)
+        nodes.append(helper.make_node(float_op, floats, [y], name=node.name, **attrs))
+        nodes.append(_q(names, y, out_scale, out_zero, node.output[0]))
+        return nodes
+
+    return rewrite
+
+
+def _integer(float_op: str, weight_axis: int):
+    """``MatMulInteger(A, B, a_zero, b_zero)`` / ``ConvInteger``. onnxruntime's dynamic
+    quantization writes ``Mul(Cast(XInteger(DynamicQuantizeLinear(x), W)), x_scale · w_scale)``:
+    that is the float op of ``DequantizeLinear(A, x_scale)`` and ``DequantizeLinear(W, w_scale)``,
+    one layer with the dequantized weight, as the float model has it (a bias ``Add`` after
+    it then folds into it). Elsewhere the int32 product of zero-point-shifted operands is the
+    float op of ``DequantizeLinear(x, 1, zero)`` operands (exact: the shifted integers are small
+    enough for float32), and the scales multiplied afterwards are constants for relevance."""
+
+    def rewrite(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+        scaled = _dynamic_scaling(node, inits, graph)
+        if scaled is not None:
+            (x_scale, w_scale), taken = scaled
+            names = _Names(node)
+            a, out_a = _dq(names, node.input[0], x_scale, _arg(node, 2))
+            w_axis = weight_axis if _per_axis(inits, w_scale) else None
+            w, out_w = _dq(names, node.input[1], w_scale, _arg(node, 3), w_axis)
+            dropped.update(n.output[0] for n in taken)
+            return [a, w, helper.make_node(float_op, [out_a, out_w], [taken[-1].output[0]], name=node.name,
+                                           **_attrs(node))]
+        names = _Names(node)
+        one = names("one")
+        graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+        nodes, floats = [], []
+        for k in range(2):
+            zero = _arg(node, 2 + k)
+            axis = weight_axis if k == 1 and zero and _per_axis(inits, zero) else None
+            if zero is None:
+                out = names("float")
+                nodes.append(helper.make_node("Cast", [node.input[k]], [out], to=TensorProto.FLOAT))
+            else:
+                dq, out = _dq(names, node.input[k], one, zero, axis)
+                nodes.append(dq)
+            floats.append(out)
+        nodes.append(helper.make_node(float_op, floats, list(node.output), name=node.name, **_attrs(node)))
+        return nodes
+
+    return rewrite
+
+
+def _dynamic_scaling(node: onnx.NodeProto, inits: dict, graph):
+    """``((x_scale, w_scale), [Cast, Mul])`` when ``node``'s int32 output is only cast to
+    float and multiplied by ``Mul(x_scale, w_scale)``, x_scale from the DynamicQuantizeLinear
+    that quantized its input and w_scale an initializer; else None."""
+    def only_reader(name):
+        readers = [n for n in graph.node if name in n.input]
+        return readers[0] if len(readers) == 1 else None
+
+    producers = {o: n for n in graph.node for o in n.output}
+    quantizer = producers.get(node.input[0])
+    cast = only_reader(node.output[0])
+    mul = only_reader(cast.output[0]) if cast is not None and cast.op_type == "Cast" else None
+    if quantizer is None or quantizer.op_type != "DynamicQuantizeLinear" or mul is None or mul.op_type != "Mul":
+        return None
+    product = producers.get(next((x for x in mul.input if x != cast.output[0]), ""))
+    if product is None or product.op_type != "Mul" or quantizer.output[1] not in product.input:
+        return None
+    w_scale = next((x for x in product.input if x != quantizer.output[1]), None)
+    if w_scale not in inits:
+        return None
+    return (quantizer.output[1], w_scale), [cast, mul]
+
+
+def _matmul_nbits(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+    """``MatMulNBits(A, B, scales, zero_points, g_idx, bias)``: ``A · Wᵀ (+ bias)`` with the
+    blocked n-bit weight ``W [N, K]`` dequantized at compile time."""
+    attrs = _attrs(node)
+    k, n, bits, block = int(attrs["K"]), int(attrs["N"]), int(attrs.get("bits", 4)), int(attrs["block_size"])
+    if _arg(node, 4):
+        raise LrpcError(f"{node.name or 'MatMulNBits'}: MatMulNBits with g_idx (act-order) is not supported")
+    missing = [node.input[i] for i in (1, 2, 3) if _arg(node, i) and node.input[i] not in inits]
+    if missing:
+        raise LrpcError(f"{node.name or 'MatMulNBits'}: its weight, scales and zero points must be initializers")
+    weight = dequantize_nbits(
+        numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[node.input[2]]),
+        numpy_helper.to_array(inits[node.input[3]]) if _arg(node, 3) else None, k, n, bits, block)
+    names = _Names(node)
+    w = names("weight")
+    graph.initializer.append(numpy_helper.from_array(weight.T.copy(), w))  # [K, N]
+    if not _arg(node, 5):
+        return [helper.make_node("MatMul", [node.input[0], w], list(node.output), name=node.name)]
+    y = names("matmul")
+    return [helper.make_node("MatMul", [node.input[0], w], [y], name=node.name),
+            helper.make_node("Add", [y, node.input[5]], list(node.output))]
+
+
+def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, k: int, n: int, bits: int,
+                     block: int) -> np.ndarray:
+    """``W [N, K]`` (float32) from MatMulNBits' blocks (onnxruntime's contrib op spec):
+    ``packed [N, blocks, block·bits/8]`` uint8, low bits first; ``scales [N·blocks]``;
+    ``zeros`` packed like the weight (uint8, default ``2^(bits-1)``) or float."""
+    if 8 % bits:
+        raise LrpcError(f"MatMulNBits with {bits} bits is not supported (2, 4 or 8)")
+    blocks = (k + block - 1) // block
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    raw = packed.reshape(n, -1).astype(np.uint8)
+    values = np.stack([(raw >> (bits * i)) & mask for i in range(per_byte)], axis=-1).reshape(n, -1)
+    values = values[:, : blocks * block].reshape(n, blocks, block).astype(np.float32)
+    scale = scales.astype(np.float32).reshape(n, blocks, 1)
+    if zeros is None:
+        zero = np.full((n, blocks, 1), float(1 << (bits - 1)), np.float32)
+    elif zeros.dtype == np.uint8:
+        unpacked = np.stack([(zeros.reshape(n, -1) >> (bits * i)) & mask for i in range(per_byte)], axis=-1)
+        zero = unpacked.reshape(n, -1)[:, :blocks].astype(np.float32).reshape(n, blocks, 1)
+    else:
+        zero = zeros.astype(np.float32).reshape(n, blocks, 1)
+    return ((values - zero) * scale).reshape(n, blocks * block)[:, :k]
+
+
+_REWRITES = {
+    "QLinearConv": _qlinear("Conv", inputs=2, weight_axis={1: 0}, bias=8),
+    "QLinearMatMul": _qlinear("MatMul", inputs=2, weight_axis={1: 1}),
+    "QGemm": _qlinear("Gemm", inputs=2, weight_axis={1: lambda node: 0 if _attrs(node).get("transB", 0) else 1},
+                      bias=6, output=7),
+    "QLinearAdd": _qlinear("Add", inputs=2),
+    "QLinearMul": _qlinear("Mul", inputs=2),
+    "QLinearAveragePool": _qlinear("AveragePool"),
+    "QLinearGlobalAveragePool": _qlinear("GlobalAveragePool"),
+    "QLinearConcat": _qlinear("Concat", variadic=True),
+    "QLinearSigmoid": _qlinear("Sigmoid"),
+    "QLinearLeakyRelu": _qlinear("LeakyRelu"),
+    "QLinearSoftmax": _qlinear("Softmax", drop=("channels_last", "opset")),
+    "MatMulInteger": _integer("MatMul", weight_axis=1),
+    "ConvInteger": _integer("Conv", weight_axis=0),
+    "MatMulNBits": _matmul_nbits,
+}
+
+#: QOperator ops lrpc rewrites for analysis (README and the check's message)
+QUANTIZED_WITH_RULES = sorted(_REWRITES)
+
+
+def to_float(graph: onnx.GraphProto, float_type: int) -> None:
+    """Every floating-point tensor of the graph (and its subgraphs) in ``float_type``:
+    initializers, Constant values, declared types, Cast targets."""
+    for g in _graphs(graph):
+        for i, t in enumerate(g.initializer):
+            if t.data_type in FLOATS and t.data_type != float_type:
+                g.initializer[i].CopyFrom(_converted(t, float_type))
+        for vi in [*g.input, *g.output, *g.value_info]:
+            tt = vi.type.tensor_type
+            if tt.elem_type in FLOATS:
+                tt.elem_type = float_type
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in FLOATS:
+                    attr.t.CopyFrom(_converted(attr.t, float_type))
+                elif node.op_type == "Cast" and attr.name == "to" and attr.i in FLOATS:
+                    attr.i = float_type
+
+
+def _converted(t: onnx.TensorProto, float_type: int) -> onnx.TensorProto:
+    values = numpy_helper.to_array(t).astype(np.float32)
+    if float_type == TensorProto.FLOAT16:
+        values = values.astype(np.float16)
+    return numpy_helper.from_array(values, t.name)
+
+
+def toposorted(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where each comes after its inputs' producers (onnxruntime's
+    quantizer and float16 converter write files that are not sorted; subgraph nodes'
+    outer reads count as inputs of the node that holds them)."""
+    produced = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    needs = [{produced[x] for x in _reads(n) if x in produced and produced[x] != i} for i, n in enumerate(nodes)]
+    users: dict[int, list[int]] = {}
+    for i, deps in enumerate(needs):
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    waiting = [len(d) for d in needs]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    order = []
+    while ready:
+        i = ready.pop(0)
+        order.append(i)
+        for u in users.get(i, []):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    if len(order) != len(nodes):
+        raise LrpcError("the graph has a cycle: it cannot be put in topological order")
+    return [nodes[i] for i in order]
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    names = {x for x in node.input if x}
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for sub in _graphs(g):
+                for n in sub.node:
+                    names.update(x for x in n.input if x)
+    return names
+
+
+# -- the compiled file: the deployed forward in front of the twin -------------------------
+
+
+def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str | None,
+           relevance_type_out: int | None) -> onnx.ModelProto:
+    """The file that runs ``deployed``'s own forward for its outputs and the compiled twin
+    for everything lrpc adds (``relevance``, ...). The twin's tensors and nodes are renamed
+    under ``lrp/twin/``; an input whose type the twin changed (a float16 image) is cast on
+    its way into the twin; ``relevance`` is cast to ``relevance_type_out`` if that differs."""
+    out = copy.deepcopy(deployed)
+    graph, twin = out.graph, compiled.graph
+    deployed_inputs = {i.name: i for i in graph.input}
+    deployed_outputs = {o.name for o in graph.output}
+    added_inputs = [i for i in twin.input if i.name not in deployed_inputs]
+    added_outputs = [o for o in twin.output if o.name not in deployed_outputs]
+    keep = {i.name for i in added_inputs} | {o.name for o in added_outputs} | set(deployed_inputs)
+    rename = {}
+    for g in _graphs(twin):
+        for name in [t.name for t in g.initializer] + [o for n in g.node for o in n.output] + \
+                    [vi.name for vi in g.value_info]:
+            if name and name not in keep:
+                rename[name] = TWIN_PREFIX + name
+    casts = []
+    for i in twin.input:  # the twin reads the deployed input in its own precision
+        original = deployed_inputs.get(i.name)
+        if original is not None and original.type.tensor_type.elem_type != i.type.tensor_type.elem_type:
+            rename[i.name] = TWIN_PREFIX + i.name
+            casts.append(helper.make_node("Cast", [i.name], [rename[i.name]], name=f"{TWIN_PREFIX}cast/{i.name}",
+                                          to=i.type.tensor_type.elem_type))
+    retype = relevance is not None and relevance_type_out is not None and any(
+        o.name == relevance and o.type.tensor_type.elem_type != relevance_type_out for o in added_outputs)
+    if retype:
+        rename[relevance] = TWIN_PREFIX + relevance
+    for g in _graphs(twin):
+        for node in g.node:
+            node.input[:] = [rename.get(x, x) for x in node.input]
+            node.output[:] = [rename.get(x, x) for x in node.output]
+            if node.name:
+                node.name = TWIN_PREFIX + node.name
+        for t in [*g.initializer, *g.value_info]:
+            t.name = rename.get(t.name, t.name)
+    if retype:
+        casts.append(helper.make_node("Cast", [rename[relevance]], [relevance], name=f"{TWIN_PREFIX}cast/{relevance}",
+                                      to=relevance_type_out))
+        for o in added_outputs:
+            if o.name == relevance:
+                o.type.tensor_type.elem_type = relevance_type_out
+    nodes = list(graph.node) + casts + list(twin.node)
+    outputs = list(graph.output) + added_outputs
+    used = _live(nodes, {o.name for o in outputs})
+    nodes = [n for n in nodes if any(o in used for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(toposorted(nodes, graph))
+    twin_inits = [t for t in twin.initializer if t.name in used or t.name in keep]
+    graph.initializer.extend(twin_inits)
+    inits = [t for t in graph.initializer if t.name in used or t.name in keep]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    graph.input.extend(added_inputs)
+    graph.output.extend(added_outputs)
+    graph.value_info.extend(vi for vi in twin.value_info if vi.name in used)
+    versions = {o.domain or "": o.version for o in out.opset_import}
+    for o in compiled.opset_import:
+        versions[o.domain or ""] = max(versions.get(o.domain or "", 0), o.version)
+    del out.opset_import[:]
+    out.opset_import.extend(helper.make_opsetid(d, v) for d, v in versions.items())
+    out.ir_version = max(out.ir_version, compiled.ir_version)
+    del out.metadata_props[:]
+    out.metadata_props.extend(compiled.metadata_props)
+    return out
+
+
+def _live(nodes: list[onnx.NodeProto], wanted: set[str]) -> set[str]:
+    """Tensor names the ``wanted`` outputs depend on."""
+    producer = {o: n for n in nodes for o in n.output if o}
+    live, stack = set(), list(wanted)
+    while stack:
+        name = stack.pop()
+        if name in live:
+            continue
+        live.add(name)
+        node = producer.get(name)
+        if node is not None:
+            stack.extend(_reads(node) | set(node.output))
+    return live

@@ -1,0 +1,205 @@
+"""Reference for quantized models: the network a quantized ONNX file computes, rebuilt in
+torch from the ONNX operator definitions (not from lrpc), for Zennit to explain.
+
+- ``DequantizeLinear`` of an initializer is a weight: its value ``(q - zero) · scale``
+  (per tensor or per axis) becomes the ``nn.Conv2d`` / ``nn.Linear`` weight or bias;
+- ``QuantizeLinear`` of an activation is a straight-through fake quantization,
+  ``x + (fq(x) − x).detach()`` with ``fq(x) = (clip(round(x / s) + z) − z) · s`` (round half
+  to even, as onnxruntime), so the activations are the quantized model's and gradients
+  (Zennit's relevance) pass it unchanged; the ``DequantizeLinear`` after it is then the
+  identity;
+- ``DynamicQuantizeLinear`` computes its scale and zero point from the batch (uint8, the
+  ONNX definition) and fake-quantizes the same way; ``ConvInteger`` / ``MatMulInteger`` and
+  the ``Cast`` and ``Mul`` by ``x_scale · w_scale`` after them are one float layer whose
+  weight is ``(w − w_zero) · w_scale``;
+- a residual ``Add`` of two activations is ``zennit.layer.Sum`` (Zennit's Norm rule).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from .zennit_ref import import_zennit
+
+_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
+    q = q.astype(np.float64)
+    zero = np.zeros_like(scale) if zero is None else zero.astype(np.float64)
+    if scale.size > 1:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q - zero) * scale).astype(np.float32)
+
+
+def _fake_quant(x: torch.Tensor, scale, zero, bounds) -> torch.Tensor:
+    lo, hi = bounds
+    q = torch.clamp(torch.round(x / scale) + zero, lo, hi)
+    return x + ((q - zero) * scale - x).detach()
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+class QuantizedNet(nn.Module):
+    """``forward(x)`` evaluates the quantized graph as described in the module docstring."""
+
+    def __init__(self, model: onnx.ModelProto):
+        super().__init__()
+        self.graph = model.graph
+        self.consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.consumers: dict[str, list] = {}
+        for node in model.graph.node:
+            for x in node.input:
+                self.consumers.setdefault(x, []).append(node)
+        self.layers = nn.ModuleDict()
+        self.sums = nn.ModuleDict()
+        self._fold_weights()
+
+    def _fold_weights(self):
+        """Weights: DequantizeLinear of initializers, evaluated once."""
+        for node in self.graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in self.consts:
+                zero = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+                self.consts[node.output[0]] = _dequantize(self.consts[node.input[0]], self.consts[node.input[1]], zero,
+                                                          _attrs(node).get("axis", 1))
+
+    def _key(self, node) -> str:
+        return (node.name or node.output[0]).replace(".", "_").replace("/", "_") or "node"
+
+    def _conv(self, node, weight, bias):
+        a = _attrs(node)
+        pads = a.get("pads", [0, 0, 0, 0])
+        assert pads[:2] == pads[2:], "symmetric padding only"
+        conv = nn.Conv2d(weight.shape[1] * a.get("group", 1), weight.shape[0], weight.shape[2:],
+                         stride=a.get("strides", 1), padding=tuple(pads[:2]), dilation=a.get("dilations", 1),
+                         groups=a.get("group", 1), bias=bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+            if bias is not None:
+                conv.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
+        return conv
+
+    def _linear(self, weight_out_in, bias):
+        linear = nn.Linear(weight_out_in.shape[1], weight_out_in.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight_out_in)))
+            if bias is not None:
+                linear.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
+        return linear
+
+    def _module(self, node, build):
+        key = self._key(node)
+        if key not in self.layers:
+            self.layers[key] = build()
+        return self.layers[key]
+
+    def _integer_scale(self, node):
+        """The ``w_scale`` of ``Mul(Cast(XInteger(...)), Mul(x_scale, w_scale))`` after ``node``."""
+        cast = self.consumers[node.output[0]][0]
+        mul = self.consumers[cast.output[0]][0]
+        other = [x for x in mul.input if x != cast.output[0]][0]
+        producer = next(n for n in self.graph.node if other in n.output)
+        w_scale = next(self.consts[x] for x in producer.input if x in self.consts)
+        after = self.consumers.get(mul.output[0], [])
+        bias = None
+        if len(after) == 1 and after[0].op_type == "Add":
+            bias_name = next((x for x in after[0].input if x in self.consts), None)
+            if bias_name is not None:
+                bias, after = self.consts[bias_name].reshape(-1), after[0].output[0]
+        return [cast.output[0], mul.output[0]] + ([after] if bias is not None else []), w_scale, bias
+
+    def forward(self, x):
+        env = {self.graph.input[0].name: x}
+        passthrough = {}
+        value = lambda name: env[name] if name in env else torch.from_numpy(self.consts[name])  # noqa: E731
+        for node in self.graph.node:
+            op, ins, a = node.op_type, list(node.input), _attrs(node)
+            if all(i in self.consts or not i for i in ins) and op != "DynamicQuantizeLinear":
+                if op == "Reshape":  # a bias reshaped to [1, C, 1, 1]
+                    self.consts[node.output[0]] = self.consts[ins[0]].reshape(self.consts[ins[1]])
+                continue  # weights (folded above) and other constants
+            if node.output[0] in passthrough:
+                env[node.output[0]] = env[passthrough[node.output[0]]]
+                continue
+            if op == "QuantizeLinear":
+                zero = self.consts[ins[2]]
+                y = _fake_quant(value(ins[0]), float(self.consts[ins[1]]), float(zero), _RANGES[zero.dtype])
+            elif op == "DequantizeLinear":
+                y = value(ins[0])  # already the dequantized value (see QuantizeLinear)
+            elif op == "DynamicQuantizeLinear":
+                v = value(ins[0]).detach()
+                lo, hi = torch.clamp(v.min(), max=0), torch.clamp(v.max(), min=0)
+                scale = (hi - lo) / 255
+                zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+                env[node.output[1]], env[node.output[2]] = scale, zero
+                y = _fake_quant(value(ins[0]), scale, zero, (0, 255))
+            elif op in ("ConvInteger", "MatMulInteger"):
+                passing, w_scale, bias = self._integer_scale(node)
+                w = self.consts[ins[1]].astype(np.float32)
+                if len(ins) > 3 and ins[3]:
+                    wz = self.consts[ins[3]].astype(np.float32)
+                    w = w - (wz.reshape(-1, *[1] * (w.ndim - 1)) if op == "ConvInteger" else wz)
+                if op == "ConvInteger":
+                    w = w * np.asarray(w_scale, np.float32).reshape(-1, *[1] * (w.ndim - 1))
+                    layer = self._module(node, lambda: self._conv(node, w, bias))
+                else:
+                    layer = self._module(node, lambda: self._linear((w * np.asarray(w_scale, np.float32)).T, bias))
+                y = layer(value(ins[0]))
+                passthrough.update({name: node.output[0] for name in passing})
+            elif op == "Conv":
+                layer = self._module(node, lambda: self._conv(
+                    node, self.consts[ins[1]], self.consts[ins[2]] if len(ins) > 2 and ins[2] else None))
+                y = layer(value(ins[0]))
+            elif op == "Gemm":
+                w = self.consts[ins[1]]
+                layer = self._module(node, lambda: self._linear(w if a.get("transB", 0) else w.T,
+                                                                self.consts.get(ins[2]) if len(ins) > 2 else None))
+                y = layer(value(ins[0]))
+            elif op == "MatMul" and ins[1] in self.consts:
+                layer = self._module(node, lambda: self._linear(self.consts[ins[1]].T, None))
+                y = layer(value(ins[0]))
+            elif op == "Add" and all(i in env for i in ins):
+                key = self._key(node)
+                if key not in self.sums:
+                    self.sums[key] = import_zennit().layer.Sum()
+                y = self.sums[key](torch.stack([env[ins[0]], env[ins[1]]], dim=-1))
+            elif op == "Add":
+                y = value(ins[0]) + value(ins[1])
+            elif op == "Mul":  # x_scale · w_scale (the product itself is folded into the layer above)
+                y = value(ins[0]) * value(ins[1])
+            elif op == "Relu":
+                y = torch.relu(value(ins[0]))
+            elif op == "MaxPool":
+                y = nn.functional.max_pool2d(value(ins[0]), a["kernel_shape"], a.get("strides", 1),
+                                             a.get("pads", [0, 0])[:2])
+            elif op == "AveragePool":  # modules: Zennit gives pooling layers its Norm rule
+                y = self._module(node, lambda: nn.AvgPool2d(a["kernel_shape"], a.get("strides", 1),
+                                                            a.get("pads", [0, 0])[:2]))(value(ins[0]))
+            elif op == "GlobalAveragePool":
+                y = self._module(node, lambda: nn.AdaptiveAvgPool2d(1))(value(ins[0]))
+            elif op == "Flatten":
+                y = torch.flatten(value(ins[0]), a.get("axis", 1))
+            elif op == "Reshape":
+                y = value(ins[0]).reshape([int(d) for d in self.consts[ins[1]]])
+            else:
+                raise NotImplementedError(f"reference: {op}")
+            env[node.output[0]] = y
+        return env[self.graph.output[0].name]
+
+
+def quantized_relevance(model: onnx.ModelProto, x: np.ndarray, composite_name: str, target=None) -> np.ndarray:
+    """Zennit's relevance for the quantized ``model`` rebuilt by :class:`QuantizedNet`."""
+    from .zennit_ref import _attribute, composite
+
+    net = QuantizedNet(model).eval()
+    with torch.no_grad():
+        net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))  # builds the layers
+    return _attribute(net, x, target, composite(composite_name), normalize=True)

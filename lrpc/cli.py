@@ -217,6 +217,7 @@ def cmd_compile(args) -> int:
         labels=args.labels,
         target_input=args.target_input,
         targets=args.top_classes,
+        relevance_dtype=args.relevance_dtype,
     )
     if not args.quiet:
         import onnx
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", metavar="SPEC", help="CRP features: top:N (per input) or indices such as 1,2,10")
     p.add_argument("--report", action="store_true",
                    help="also output per-layer relevance sums (lrp_report) for a conservation report")
+    p.add_argument("--relevance-dtype", choices=("float32", "float16"), default=None,
+                   help="precision of the relevance pass of a quantized or half-precision model (default float32; "
+                        "relevance then has the explained input's dtype)")
     p.add_argument("--targets", dest="top_classes", type=_positive_int, default=1, metavar="K",
                    help="explain K classes per sample in one call: lrp_target [N, K] (default each sample's top K), "
                         "relevance [K*N, ...], target-major; the forward pass and the denominators run once")

@@ -163,6 +163,25 @@ class _Names:
         return f"{self.base}/{what}_{self.count}"
 
 
+def _weight(names: _Names, graph, inits: dict, x: str, scale: str, zero: str | None,
+            axis: int | None) -> tuple[list, str]:
+    """``DequantizeLinear`` of a weight: its float value as an initializer when the integers,
+    scale and zero point are all initializers (rules read constant weights), else the node."""
+    if x in inits and scale in inits and (zero is None or zero in inits):
+        q = numpy_helper.to_array(inits[x]).astype(np.float64)
+        s = numpy_helper.to_array(inits[scale]).astype(np.float64)
+        z = numpy_helper.to_array(inits[zero]).astype(np.float64) if zero else np.zeros_like(s)
+        if s.size > 1:
+            shape = [1] * q.ndim
+            shape[axis if axis is not None else 1] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+        out = names("weight")
+        graph.initializer.append(numpy_helper.from_array(((q - z) * s).astype(np.float32), out))
+        return [], out
+    node, out = _dq(names, x, scale, zero, axis)
+    return [node], out
+
+
 def _dq(names: _Names, x: str, scale: str, zero: str | None, axis: int | None = None) -> tuple[onnx.NodeProto, str]:
     out = names("dq")
     attrs = {} if axis is None else {"axis": axis}
@@ -252,9 +271,9 @@ def _integer(float_op: str, weight_axis: int):
             names = _Names(node)
             a, out_a = _dq(names, node.input[0], x_scale, _arg(node, 2))
             w_axis = weight_axis if _per_axis(inits, w_scale) else None
-            w, out_w = _dq(names, node.input[1], w_scale, _arg(node, 3), w_axis)
+            w, out_w = _weight(names, graph, inits, node.input[1], w_scale, _arg(node, 3), w_axis)
             dropped.update(n.output[0] for n in taken)
-            return [a, w, helper.make_node(float_op, [out_a, out_w], [taken[-1].output[0]], name=node.name,
+            return [a, *w, helper.make_node(float_op, [out_a, out_w], [taken[-1].output[0]], name=node.name,
                                            **_attrs(node))]
         names = _Names(node)
         one = names("one")

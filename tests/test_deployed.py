@@ -108,14 +108,14 @@ def test_outputs_are_the_deployed_files_own(name, form):
 
 
 @pytest.mark.parametrize("preset", ["EpsilonPlus", "EpsilonPlusFlat"])
-@pytest.mark.parametrize("form", ["qdq", "qoperator"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name, form", [(name, form) for name in MODELS for form in ("qdq", "qoperator")]
+                         + [("resnet", "dynamic")])
 def test_quantized_relevance_matches_the_fake_quantized_reference(name, form, preset):
     """QOperator files come from the same calibration as QDQ ones: one reference for both."""
     x = _input(name, form)
     feed = {onnx.load_from_string(forms(name)[form]).graph.input[0].name: x}
     got = _run(lrpc.compile(forms(name)[form], preset, verbose=False), feed)[1]
-    ref = quantized_relevance(onnx.load_from_string(forms(name)["qdq"]), x, preset)
+    ref = quantized_relevance(onnx.load_from_string(forms(name)["qdq" if form == "qoperator" else form]), x, preset)
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
 
 

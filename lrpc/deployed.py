@@ -104,7 +104,7 @@ def analysis_twin(model: onnx.ModelProto, relevance_dtype: str | None = None) ->
         rewrite = _REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx", MS_DOMAIN) else None
         rewritten.extend(rewrite(node, inits, graph, dropped) if rewrite else [node])
     rewritten = [n for n in rewritten if not (n.output and n.output[0] in dropped and n.op_type in ("Cast", "Mul"))]
-    rewritten = _dequantize_integer_ops(toposorted(rewritten, graph))
+    rewritten = _dequantize_integer_ops(toposorted(rewritten))
     del graph.node[:]
     graph.node.extend(rewritten)
     to_float(graph, relevance_type(relevance_dtype))
@@ -229,8 +229,12 @@ def _qlinear(float_op: str, *, inputs: int = 1, weight_axis: dict | None = None,
         for k, (x, scale, zero) in enumerate(triples):
             axis = (weight_axis or {}).get(k) if _per_axis(inits, scale) else None
             axis = axis(node) if callable(axis) else axis
-            dq, out = _dq(names, x, scale, zero, axis)
-            nodes.append(dq)
+            if k in (weight_axis or {}):  # a weight: its dequantized value, as the integer ops get
+                dq, out = _weight(names, graph, inits, x, scale, zero, axis)
+                nodes.extend(dq)
+            else:
+                dq, out = _dq(names, x, scale, zero, axis)
+                nodes.append(dq)
             floats.append(out)
         if bias is not None and _arg(node, bias):
             product = names("bias_scale")
@@ -383,10 +387,6 @@ _REWRITES = {
     "MatMulNBits": _matmul_nbits,
 }
 
-#: QOperator ops lrpc rewrites for analysis (README and the check's message)
-QUANTIZED_WITH_RULES = sorted(_REWRITES)
-
-
 def to_float(graph: onnx.GraphProto, float_type: int) -> None:
     """Every floating-point tensor of the graph (and its subgraphs) in ``float_type``:
     initializers, Constant values, declared types, Cast targets."""
@@ -413,7 +413,7 @@ def _converted(t: onnx.TensorProto, float_type: int) -> onnx.TensorProto:
     return numpy_helper.from_array(values, t.name)
 
 
-def toposorted(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+def toposorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """``nodes`` in an order where each comes after its inputs' producers (onnxruntime's
     quantizer and float16 converter write files that are not sorted; subgraph nodes'
     outer reads count as inputs of the node that holds them)."""
@@ -500,7 +500,7 @@ def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str 
     used = _live(nodes, {o.name for o in outputs})
     nodes = [n for n in nodes if any(o in used for o in n.output)]
     del graph.node[:]
-    graph.node.extend(toposorted(nodes, graph))
+    graph.node.extend(toposorted(nodes))
     twin_inits = [t for t in twin.initializer if t.name in used or t.name in keep]
     graph.initializer.extend(twin_inits)
     inits = [t for t in graph.initializer if t.name in used or t.name in keep]

@@ -97,6 +97,7 @@ def analysis_twin(model: onnx.ModelProto, relevance_dtype: str | None = None) ->
     """The float network the relevance pass reads (see the module docstring)."""
     twin = copy.deepcopy(model)
     graph = twin.graph
+    _constants_as_initializers(graph)
     inits = {t.name: t for t in graph.initializer}
     dropped: set[str] = set()  # first outputs of nodes a rewrite took over (an integer product's scaling)
     rewritten = []
@@ -104,7 +105,9 @@ def analysis_twin(model: onnx.ModelProto, relevance_dtype: str | None = None) ->
         rewrite = _REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx", MS_DOMAIN) else None
         rewritten.extend(rewrite(node, inits, graph, dropped) if rewrite else [node])
     rewritten = [n for n in rewritten if not (n.output and n.output[0] in dropped and n.op_type in ("Cast", "Mul"))]
-    rewritten = _dequantize_integer_ops(toposorted(rewritten))
+    rewritten = _shared_dequantizations(_dequantize_integer_ops(toposorted(rewritten)),
+                                        {o.name for o in graph.output})
+    rewritten = _float_tables(rewritten, inits, graph)
     del graph.node[:]
     graph.node.extend(rewritten)
     to_float(graph, relevance_type(relevance_dtype))
@@ -151,6 +154,54 @@ def _dequantize_integer_ops(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]
     return out
 
 
+def _shared_dequantizations(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """One ``DequantizeLinear`` per quantized tensor: QOperator graphs (and the rewrites
+    above) dequantize a tensor once per float reader, and patterns (a GELU reading ``x``
+    twice) match on tensor identity."""
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    out = []
+    for node in nodes:
+        for i, x in enumerate(node.input):
+            if x in alias:
+                node.input[i] = alias[x]
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            key = (tuple(node.input), tuple(sorted(_attrs(node).items())))
+            if key in first:
+                alias[node.output[0]] = first[key]
+                continue
+            first[key] = node.output[0]
+        out.append(node)
+    return out
+
+
+def _float_tables(nodes: list[onnx.NodeProto], inits: dict, graph) -> list[onnx.NodeProto]:
+    """``DequantizeLinear(Gather(int8 table, ids))`` (dynamic and QOperator quantization of
+    embeddings) is ``Gather(float table, ids)`` with a per-tensor scale: the lookup of an
+    embedding table, where token relevance is reported."""
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for x in node.input:
+            readers.setdefault(x, []).append(node)
+    replaced: dict[int, onnx.NodeProto | None] = {}
+    for node in nodes:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.input[0] not in inits:
+            continue
+        after = readers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type != "DequantizeLinear" or after[0].input[0] != node.output[0]:
+            continue
+        dq = after[0]
+        values = _constant(inits, node.input[0], dq.input[1], _arg(dq, 2))
+        if values is None or values[1].size != 1 or not np.issubdtype(values[0].dtype, np.integer):
+            continue
+        table = _Names(node)("table")
+        graph.initializer.append(numpy_helper.from_array(dequantize(*values), table))
+        replaced[id(node)] = helper.make_node("Gather", [table, node.input[1]], list(dq.output), name=node.name,
+                                              **_attrs(node))
+        replaced[id(dq)] = None
+    return [replaced.get(id(n), n) for n in nodes if replaced.get(id(n), n) is not None]
+
+
 class _Names:
     """Fresh tensor names for the nodes a rewrite adds."""
 
@@ -163,23 +214,127 @@ class _Names:
         return f"{self.base}/{what}_{self.count}"
 
 
+def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int | None = None,
+               block_size: int = 0) -> np.ndarray:
+    """``DequantizeLinear`` in numpy (float32 result, float64 arithmetic): ``(q - zero) · scale``
+    with a per-tensor, per-axis (``scale`` 1-D along ``axis``, default 1) or blocked scale
+    (opset 21: ``scale`` of ``q``'s rank, ``block_size`` elements of ``axis`` per scale)."""
+    q = q.astype(np.float64)
+    s = scale.astype(np.float64)
+    z = zero.astype(np.float64) if zero is not None else np.zeros_like(s)
+    if s.size > 1:
+        axis = (1 if axis is None else axis) % q.ndim
+        if block_size:
+            s, z = (np.repeat(v, block_size, axis=axis).take(range(q.shape[axis]), axis=axis) for v in (s, z))
+        else:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+    return ((q - z) * s).astype(np.float32)
+
+
+def _constant(inits: dict, *names: str | None) -> list | None:
+    """The values of ``names`` (None for an absent optional input), or None unless all are
+    initializers."""
+    if any(n is not None and n not in inits for n in names):
+        return None
+    return [numpy_helper.to_array(inits[n]) if n is not None else None for n in names]
+
+
 def _weight(names: _Names, graph, inits: dict, x: str, scale: str, zero: str | None,
             axis: int | None) -> tuple[list, str]:
-    """``DequantizeLinear`` of a weight: its float value as an initializer when the integers,
-    scale and zero point are all initializers (rules read constant weights), else the node."""
-    if x in inits and scale in inits and (zero is None or zero in inits):
-        q = numpy_helper.to_array(inits[x]).astype(np.float64)
-        s = numpy_helper.to_array(inits[scale]).astype(np.float64)
-        z = numpy_helper.to_array(inits[zero]).astype(np.float64) if zero else np.zeros_like(s)
-        if s.size > 1:
-            shape = [1] * q.ndim
-            shape[axis if axis is not None else 1] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
+    """``DequantizeLinear`` of a weight (or any constant operand): its float value as an
+    initializer when the integers, scale and zero point are all initializers (rules read
+    constant weights), else the node."""
+    values = _constant(inits, x, scale, zero)
+    if values is not None:
         out = names("weight")
-        graph.initializer.append(numpy_helper.from_array(((q - z) * s).astype(np.float32), out))
+        graph.initializer.append(numpy_helper.from_array(dequantize(*values, axis=axis), out))
         return [], out
     node, out = _dq(names, x, scale, zero, axis)
     return [node], out
+
+
+def _dequantized_constant(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+    """``DequantizeLinear`` of initializers (a QDQ model's weights, biases, constants and
+    embedding tables) is a float initializer: rules read it as a weight, constant folding
+    and pattern matching see its value, a ``Gather`` from it is an embedding lookup."""
+    attrs = _attrs(node)
+    values = _constant(inits, node.input[0], node.input[1], _arg(node, 2))
+    if values is None:
+        return [node]
+    value = dequantize(*values, axis=attrs.get("axis", 1), block_size=attrs.get("block_size", 0))
+    graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+    inits[node.output[0]] = graph.initializer[-1]
+    return []
+
+
+def _quantized_constant(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+    """``QuantizeLinear`` of an initializer (QDQ models quantize constant operands too, the
+    ``0.5`` of a GELU): its integers as an initializer, so the ``DequantizeLinear`` after it
+    folds into the constant's float value (round half to even and saturation, as the op)."""
+    attrs = _attrs(node)
+    values = _constant(inits, node.input[0], node.input[1], _arg(node, 2))
+    if values is None or attrs.get("block_size") or attrs.get("saturate", 1) != 1:
+        return [node]
+    x, scale, zero = values
+    if zero is None:
+        zero = np.zeros(scale.shape, np.uint8)
+    if zero.dtype not in (np.uint8, np.int8, np.uint16, np.int16):
+        return [node]
+    info = np.iinfo(zero.dtype)
+    if scale.size > 1:
+        shape = [1] * x.ndim
+        shape[attrs.get("axis", 1) % x.ndim] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    q = np.clip(np.rint(x.astype(np.float64) / scale) + zero, info.min, info.max).astype(zero.dtype)
+    graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
+    inits[node.output[0]] = graph.initializer[-1]
+    return []
+
+
+def _constants_as_initializers(graph: onnx.GraphProto) -> None:
+    """``Constant`` nodes holding a tensor become initializers (the twin folds quantization of
+    constants, wherever the exporter put them)."""
+    kept = []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _gather_block_quantized(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+    """``GatherBlockQuantized(data, indices, scales, zero_points)`` (onnxruntime's contrib op,
+    an int4/uint4/uint8 embedding table quantized in blocks along ``quantize_axis``): a
+    ``Gather`` from the table dequantized at compile time, an embedding lookup."""
+    attrs = _attrs(node)
+    values = _constant(inits, node.input[0], node.input[2], _arg(node, 3))
+    if values is None:
+        raise LrpcError(f"{node.name or 'GatherBlockQuantized'}: its table, scales and zero points must be "
+                        "initializers")
+    data, scales, zeros = values
+    if data.dtype == np.uint8 and int(attrs.get("bits", 4)) == 4:  # two 4-bit values per byte, low first
+        data = np.stack([data & 0xF, data >> 4], axis=-1).reshape(*data.shape[:-1], -1)
+        zeros = None if zeros is None else np.stack([zeros & 0xF, zeros >> 4], axis=-1).reshape(*zeros.shape[:-1], -1)
+    if zeros is None and data.dtype == np.uint8:
+        zeros = np.full(scales.shape, 8 if int(attrs.get("bits", 4)) == 4 else 128, np.float64)
+    quantize_axis = int(attrs.get("quantize_axis", 1))
+    blocks = scales.shape[quantize_axis]
+    if zeros is not None:
+        zeros = zeros.take(range(blocks), axis=quantize_axis)
+    table = dequantize(data, scales, zeros, quantize_axis, int(attrs.get("block_size", 128)))
+    names = _Names(node)
+    name = names("table")
+    graph.initializer.append(numpy_helper.from_array(table, name))
+    return [helper.make_node("Gather", [name, node.input[1]], list(node.output), name=node.name,
+                             axis=int(attrs.get("gather_axis", 0)))]
 
 
 def _dq(names: _Names, x: str, scale: str, zero: str | None, axis: int | None = None) -> tuple[onnx.NodeProto, str]:
@@ -229,12 +384,8 @@ def _qlinear(float_op: str, *, inputs: int = 1, weight_axis: dict | None = None,
         for k, (x, scale, zero) in enumerate(triples):
             axis = (weight_axis or {}).get(k) if _per_axis(inits, scale) else None
             axis = axis(node) if callable(axis) else axis
-            if k in (weight_axis or {}):  # a weight: its dequantized value, as the integer ops get
-                dq, out = _weight(names, graph, inits, x, scale, zero, axis)
-                nodes.extend(dq)
-            else:
-                dq, out = _dq(names, x, scale, zero, axis)
-                nodes.append(dq)
+            dq, out = _weight(names, graph, inits, x, scale, zero, axis)  # weights and constants fold
+            nodes.extend(dq)
             floats.append(out)
         if bias is not None and _arg(node, bias):
             product = names("bias_scale")
@@ -370,6 +521,9 @@ def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray |
 
 
 _REWRITES = {
+    "QuantizeLinear": _quantized_constant,
+    "DequantizeLinear": _dequantized_constant,
+    "GatherBlockQuantized": _gather_block_quantized,
     "QLinearConv": _qlinear("Conv", inputs=2, weight_axis={1: 0}, bias=8),
     "QLinearMatMul": _qlinear("MatMul", inputs=2, weight_axis={1: 1}),
     "QGemm": _qlinear("Gemm", inputs=2, weight_axis={1: lambda node: 0 if _attrs(node).get("transB", 0) else 1},
@@ -451,6 +605,54 @@ def _reads(node: onnx.NodeProto) -> set[str]:
 # -- the compiled file: the deployed forward in front of the twin -------------------------
 
 
+_INTEGER_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.UINT16: (0, 65535),
+                   TensorProto.INT16: (-32768, 32767)}
+
+
+def defined_roundings(graph: onnx.GraphProto) -> None:
+    """Each activation rounding of the twin, ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)``
+    with a per-tensor scale, written as the float arithmetic the two ops define:
+    ``(clip(round(x / s) + z, lo, hi) - z) · s`` (round half to even, as ``Round``).
+
+    Written as Q/DQ, the twin's float layers between roundings are what onnxruntime's
+    optimizer looks for: it re-quantizes their (dequantized) float weights with scales of its
+    own and fuses the groups into integer kernels, so the twin would compute another network
+    than the deployed file's and differently per runtime. As float arithmetic the twin is
+    the quantized network exactly as the ONNX operators define it, in every runtime."""
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    out = []
+    for node in graph.node:
+        quantizer = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
+        if quantizer is None or quantizer.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") \
+                or list(quantizer.input[1:]) != list(node.input[1:]) or _per_axis(inits, node.input[1]):
+            out.append(node)
+            continue
+        zero = _arg(node, 2)
+        zero_type = inits[zero].data_type if zero in inits else TensorProto.UINT8
+        if zero is not None and zero not in inits or zero_type not in _INTEGER_RANGES:
+            out.append(node)
+            continue
+        names = _Names(node)
+        x, scale = quantizer.input[0], node.input[1]
+        dtype = numpy_helper.to_array(inits[scale]).dtype if scale in inits else np.float32  # the twin's float
+        z = numpy_helper.to_array(inits[zero]).astype(np.float64) if zero else 0.0
+        lo, hi = _INTEGER_RANGES[zero_type]
+        constants = {}
+        for what, value in (("zero", z), ("lo", lo), ("hi", hi)):
+            constants[what] = names(what)
+            graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype).reshape(()), constants[what]))
+        steps = [names("scaled"), names("rounded"), names("shifted"), names("clipped"), names("centered")]
+        out += [helper.make_node("Div", [x, scale], [steps[0]]),
+                helper.make_node("Round", [steps[0]], [steps[1]]),
+                helper.make_node("Add", [steps[1], constants["zero"]], [steps[2]]),
+                helper.make_node("Clip", [steps[2], constants["lo"], constants["hi"]], [steps[3]]),
+                helper.make_node("Sub", [steps[3], constants["zero"]], [steps[4]]),
+                helper.make_node("Mul", [steps[4], scale], list(node.output), name=node.name)]
+    del graph.node[:]
+    graph.node.extend(out)
+
+
 def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str | None,
            relevance_type_out: int | None) -> onnx.ModelProto:
     """The file that runs ``deployed``'s own forward for its outputs and the compiled twin
@@ -459,6 +661,7 @@ def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str 
     its way into the twin; ``relevance`` is cast to ``relevance_type_out`` if that differs."""
     out = copy.deepcopy(deployed)
     graph, twin = out.graph, compiled.graph
+    defined_roundings(twin)
     deployed_inputs = {i.name: i for i in graph.input}
     deployed_outputs = {o.name for o in graph.output}
     added_inputs = [i for i in twin.input if i.name not in deployed_inputs]
@@ -508,6 +711,10 @@ def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str 
     graph.initializer.extend(inits)
     graph.input.extend(added_inputs)
     graph.output.extend(added_outputs)
+    # the deployed file's own value_info goes: quantizers and converters write symbolic dims
+    # (unk__12) that the twin's inference also names, for other sizes; runtimes would take
+    # the two for one and share buffers between tensors of different shapes
+    del graph.value_info[:]
     graph.value_info.extend(vi for vi in twin.value_info if vi.name in used)
     versions = {o.domain or "": o.version for o in out.opset_import}
     for o in compiled.opset_import:

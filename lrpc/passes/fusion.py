@@ -40,13 +40,27 @@ class _Pattern:
         self.subgraph_nodes: set[int] = set()  # nodes inside a covered If's branches
 
     def producer(self, tensor, op: str | tuple) -> gs.Node | None:
-        """The node producing ``tensor`` if it is an ``op`` node; it joins the pattern."""
+        """The node producing ``tensor`` if it is an ``op`` node; it joins the pattern.
+
+        Activation roundings (``QuantizeLinear -> DequantizeLinear``, which a QDQ model has
+        after every op) are looked through and join the pattern too: a GELU whose
+        intermediate values are rounded to int8 is still one GELU for relevance, and the
+        compiled file keeps the rounded nodes for its forward pass."""
         ops = (op,) if isinstance(op, str) else op
+        roundings = []
+        while len(tensor.inputs) == 1 and tensor.inputs[0].op == "DequantizeLinear":
+            quantized = tensor.inputs[0].inputs[0]
+            if len(quantized.inputs) != 1 or quantized.inputs[0].op != "QuantizeLinear" \
+                    or len(quantized.outputs) != 1:
+                break
+            roundings += [tensor.inputs[0], quantized.inputs[0]]
+            tensor = quantized.inputs[0].inputs[0]
         if len(tensor.inputs) != 1 or tensor.inputs[0].op not in ops:
             return None
         node = tensor.inputs[0]
-        if node not in self.nodes:
-            self.nodes.append(node)
+        for joined in roundings + [node]:
+            if joined not in self.nodes:
+                self.nodes.append(joined)
         return node
 
     def spread(self, tensor, op: str) -> list:

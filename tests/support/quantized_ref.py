@@ -203,3 +203,82 @@ def quantized_relevance(model: onnx.ModelProto, x: np.ndarray, composite_name: s
     with torch.no_grad():
         net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))  # builds the layers
     return _attribute(net, x, target, composite(composite_name), normalize=True)
+
+
+# -- transformers: the Hugging Face model with the deployed file's weights -----------------
+
+
+def _deployed_value(deployed: dict, name: str) -> np.ndarray | None:
+    """The float value onnxruntime's quantizers store for float initializer ``name``:
+    ``name_quantized`` with ``name_scale`` / ``name_zero_point`` (a Gemm's weight as
+    ``name_Transposed_...``, then transposed back), dequantized per tensor or per axis."""
+    for stem, transposed in ((name, False), (name + "_Transposed", True)):
+        q = deployed.get(stem + "_quantized")
+        if q is not None:
+            scale = deployed[stem + "_scale"]
+            value = _dequantize(q, scale.astype(np.float64), deployed.get(stem + "_zero_point"),
+                                1 if q.ndim == 2 and scale.size == q.shape[1] else 0)
+            return value.T if transposed else value
+    return None
+
+
+def deployed_parameters(model: nn.Module, float_file: onnx.ModelProto, deployed_file: onnx.ModelProto,
+                        weights: dict | None = None) -> tuple[nn.Module, list[nn.Module]]:
+    """A copy of ``model`` whose parameters are the deployed file's (dequantized), and the
+    modules whose weights the file stores quantized. Parameters are matched to the float
+    export's initializers by value (``W`` or ``Wᵀ``: MatMul stores ``Wᵀ``); ``weights``
+    gives float values by float-initializer name for forms not stored as ``_quantized``."""
+    import copy
+
+    floats = {t.name: numpy_helper.to_array(t) for t in float_file.graph.initializer}
+    deployed = {t.name: numpy_helper.to_array(t) for t in deployed_file.graph.initializer}
+    out = copy.deepcopy(model)
+    quantized = []
+    for module in out.modules():
+        p = getattr(module, "weight", None)
+        if not isinstance(p, nn.Parameter) or p.ndim < 2:
+            continue
+        w = p.detach().numpy()
+        for name, value in floats.items():
+            transposed = value.shape == w.T.shape and np.array_equal(value, w.T)
+            if not (transposed or (value.shape == w.shape and np.array_equal(value, w))):
+                continue
+            new = (weights or {}).get(name)
+            new = _deployed_value(deployed, name) if new is None else new
+            if new is not None:
+                with torch.no_grad():
+                    p.copy_(torch.from_numpy(np.ascontiguousarray(new.T if transposed else new)))
+                quantized.append(module)
+            break
+    return out, quantized
+
+
+def _dynamic_rounding(v: torch.Tensor) -> torch.Tensor:
+    """``DynamicQuantizeLinear`` then ``DequantizeLinear`` (uint8, scale and zero point from
+    the tensor's range, round half to even), in float32 as the op computes it: the
+    references run in float64, where a value next to a rounding boundary could round the
+    other way."""
+    x = v.float()
+    lo, hi = torch.clamp(x.min(), max=0), torch.clamp(x.max(), min=0)
+    scale = (hi - lo) / 255
+    zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return ((torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale).to(v.dtype)
+
+
+def _rounded_input(module, inputs):
+    """The layer's input rounded, relevance passing the rounding unchanged. The references
+    here are Gradient × Input (``attnlrp_ref``): a straight-through gradient would scale the
+    relevance by ``x / round(x)``, so the rounding takes the identity rule's backward."""
+    from .attnlrp_ref import identity
+
+    return (identity(_dynamic_rounding, inputs[0]),) + tuple(inputs[1:])
+
+
+def dynamic_int8(model: nn.Module, float_file: onnx.ModelProto, deployed_file: onnx.ModelProto) -> nn.Module:
+    """The network ``quantize_dynamic``'s file computes: dequantized weights (and embedding
+    tables), each quantized layer's input rounded as ``DynamicQuantizeLinear`` rounds it."""
+    out, quantized = deployed_parameters(model, float_file, deployed_file)
+    for module in quantized:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.register_forward_pre_hook(_rounded_input)
+    return out

@@ -153,30 +153,34 @@ def _key(*parts) -> str:
 
 
 def export_bytes(name: str, attn: str = "eager", exporter: str = "legacy", opset: int | None = None,
-                 embeds: bool = False, seed: int = 0) -> bytes:
+                 embeds: bool = False, seed: int = 0, half: bool = False) -> bytes:
     """The ONNX export (cached on disk): inputs ``input`` (ids, embeddings or pixels) and,
-    for text, ``mask``; output ``logits``; batch and sequence axes dynamic."""
+    for text, ``mask``; output ``logits``; batch and sequence axes dynamic. ``half``: the
+    model in float16 (``model.half()``: float16 weights, inputs and outputs, and the float32
+    islands the model's own code keeps, its softmax upcast)."""
     from filelock import FileLock
 
     opset = opset or OPSETS[exporter]
-    path = _cache_dir() / f"{name}-{attn}-{exporter}-{opset}-{int(embeds)}-{seed}-{_key(name, attn, exporter, opset, embeds, seed)}.onnx"
+    key = _key(name, attn, exporter, opset, embeds, seed, half)
+    path = _cache_dir() / f"{name}-{attn}-{exporter}-{opset}-{int(embeds)}-{seed}-{int(half)}-{key}.onnx"
     with FileLock(str(path) + ".lock"):
         if not path.exists():
-            data = _export(name, attn, exporter, opset, embeds, seed)
+            data = _export(name, attn, exporter, opset, embeds, seed, half)
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(data)
             os.replace(tmp, path)
     return path.read_bytes()
 
 
-def _export(name, attn, exporter, opset, embeds, seed) -> bytes:
+def _export(name, attn, exporter, opset, embeds, seed, half=False) -> bytes:
     model = build(name, attn, seed)
-    wrapper = _Exported(name, model, embeds).eval()
+    wrapper = _Exported(name, model.half() if half else model, embeds).eval()
     ex = example(name, n=2)
+    floats = (lambda t: t.half()) if half else (lambda t: t)  # noqa: E731
     if ex.pixels is not None:
-        args, names = (torch.from_numpy(ex.pixels),), ["input"]
+        args, names = (floats(torch.from_numpy(ex.pixels)),), ["input"]
     else:
-        first = torch.from_numpy(embed(model, ex.ids)) if embeds else torch.from_numpy(ex.ids)
+        first = floats(torch.from_numpy(embed(model, ex.ids))) if embeds else torch.from_numpy(ex.ids)
         args, names = (first, torch.from_numpy(ex.mask)), ["input", "mask"]
     text = is_text(name)
     with tempfile.TemporaryDirectory() as directory, _quiet(), torch.no_grad():

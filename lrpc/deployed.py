@@ -605,6 +605,41 @@ def _reads(node: onnx.NodeProto) -> set[str]:
 # -- the compiled file: the deployed forward in front of the twin -------------------------
 
 
+def deployed_roundings(twin: onnx.GraphProto, deployed: onnx.GraphProto) -> set[str]:
+    """In a QOperator file the twin's activation roundings read the deployed integers: each
+    ``QuantizeLinear`` of the twin whose output the deployed graph computes too (the same
+    name: a ``QLinear*`` op's output, or its input quantizer's) is dropped, and its
+    ``DequantizeLinear`` readers dequantize the deployed tensor. The relevance pass then sees
+    the activations of the run that produced the outputs, whatever its kernels: a float32
+    evaluation of the ONNX definition can round otherwise (a ViT's GELU ``erf + 1`` at a
+    2/255 output scale sits 8e-6 steps from a tie on every element, below float32's
+    resolution; 13% of them rounded the other way). QDQ files keep the twin's own roundings
+    (:func:`defined_roundings`): a new reader of any tensor inside their
+    ``DequantizeLinear -> op -> QuantizeLinear`` groups stops onnxruntime fusing the groups
+    into its integer kernels, and the deployed outputs would change. Returns the names read."""
+    if not any(n.op_type.startswith("QLinear") or n.op_type == "QGemm" for n in deployed.node):
+        return set()
+    made = {o for n in deployed.node for o in n.output}
+    inits = {t.name: t for t in twin.initializer}
+    readers: dict[str, list] = {}
+    for node in twin.node:
+        for x in node.input:
+            readers.setdefault(x, []).append(node)
+    read = set()
+    for node in twin.node:
+        if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") or node.output[0] not in made:
+            continue
+        scale = inits.get(node.input[1])
+        if scale is None or scale.data_type != TensorProto.FLOAT:  # float16 scales need opset 19
+            continue
+        if all(r.op_type == "DequantizeLinear" for r in readers.get(node.output[0], [])):
+            read.add(node.output[0])
+    kept = [n for n in twin.node if not (n.op_type == "QuantizeLinear" and n.output[0] in read)]
+    del twin.node[:]
+    twin.node.extend(kept)
+    return read
+
+
 _INTEGER_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.UINT16: (0, 65535),
                    TensorProto.INT16: (-32768, 32767)}
 
@@ -624,6 +659,10 @@ def defined_roundings(graph: onnx.GraphProto) -> None:
     out = []
     for node in graph.node:
         quantizer = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
+        if quantizer is not None and quantizer.op_type == "DynamicQuantizeLinear" \
+                and list(node.input) == list(quantizer.output):
+            out += _dynamic_rounding(quantizer.input[0], node, graph)
+            continue
         if quantizer is None or quantizer.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") \
                 or list(quantizer.input[1:]) != list(node.input[1:]) or _per_axis(inits, node.input[1]):
             out.append(node)
@@ -653,6 +692,47 @@ def defined_roundings(graph: onnx.GraphProto) -> None:
     graph.node.extend(out)
 
 
+def _dynamic_rounding(x: str, node: onnx.NodeProto, graph) -> list[onnx.NodeProto]:
+    """``DequantizeLinear(DynamicQuantizeLinear(x))`` as the float arithmetic the op defines
+    (uint8: the range of ``x`` and 0 over 255 steps); a zero range rounds to 0 (where the op
+    writes scale 0, a division would give NaN). Also keeps runtimes from merging the twin's
+    quantizer of a shared input with the deployed one (its integer kernels would lose their
+    fusion)."""
+    names = _Names(node)
+    dtype = _float_dtype(graph)
+    constants = {}
+    for what, value in (("zero", 0.0), ("steps", 255.0), ("tiny", np.finfo(dtype).tiny)):
+        constants[what] = names(what)
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), constants[what]))
+    t = {k: names(k) for k in ("min", "max", "lo", "hi", "range", "scale", "safe", "neg", "zq", "zr", "zp",
+                               "xs", "xr", "xz", "q", "c")}
+    z, steps = constants["zero"], constants["steps"]
+    return [
+        helper.make_node("ReduceMin", [x], [t["min"]], keepdims=0),
+        helper.make_node("ReduceMax", [x], [t["max"]], keepdims=0),
+        helper.make_node("Min", [t["min"], z], [t["lo"]]),
+        helper.make_node("Max", [t["max"], z], [t["hi"]]),
+        helper.make_node("Sub", [t["hi"], t["lo"]], [t["range"]]),
+        helper.make_node("Div", [t["range"], steps], [t["scale"]]),
+        helper.make_node("Max", [t["scale"], constants["tiny"]], [t["safe"]]),
+        helper.make_node("Neg", [t["lo"]], [t["neg"]]),
+        helper.make_node("Div", [t["neg"], t["safe"]], [t["zq"]]),
+        helper.make_node("Round", [t["zq"]], [t["zr"]]),
+        helper.make_node("Clip", [t["zr"], z, steps], [t["zp"]]),
+        helper.make_node("Div", [x, t["safe"]], [t["xs"]]),
+        helper.make_node("Round", [t["xs"]], [t["xr"]]),
+        helper.make_node("Add", [t["xr"], t["zp"]], [t["xz"]]),
+        helper.make_node("Clip", [t["xz"], z, steps], [t["q"]]),
+        helper.make_node("Sub", [t["q"], t["zp"]], [t["c"]]),
+        helper.make_node("Mul", [t["c"], t["scale"]], list(node.output), name=node.name),
+    ]
+
+
+def _float_dtype(graph: onnx.GraphProto):
+    """The numpy float type of the twin (:func:`to_float` gave all its floats one type)."""
+    return np.float16 if any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer) else np.float32
+
+
 def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str | None,
            relevance_type_out: int | None) -> onnx.ModelProto:
     """The file that runs ``deployed``'s own forward for its outputs and the compiled twin
@@ -661,12 +741,13 @@ def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str 
     its way into the twin; ``relevance`` is cast to ``relevance_type_out`` if that differs."""
     out = copy.deepcopy(deployed)
     graph, twin = out.graph, compiled.graph
+    read = deployed_roundings(twin, graph)
     defined_roundings(twin)
     deployed_inputs = {i.name: i for i in graph.input}
     deployed_outputs = {o.name for o in graph.output}
     added_inputs = [i for i in twin.input if i.name not in deployed_inputs]
     added_outputs = [o for o in twin.output if o.name not in deployed_outputs]
-    keep = {i.name for i in added_inputs} | {o.name for o in added_outputs} | set(deployed_inputs)
+    keep = {i.name for i in added_inputs} | {o.name for o in added_outputs} | set(deployed_inputs) | read
     rename = {}
     for g in _graphs(twin):
         for name in [t.name for t in g.initializer] + [o for n in g.node for o in n.output] + \
@@ -711,10 +792,7 @@ def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str 
     graph.initializer.extend(inits)
     graph.input.extend(added_inputs)
     graph.output.extend(added_outputs)
-    # the deployed file's own value_info goes: quantizers and converters write symbolic dims
-    # (unk__12) that the twin's inference also names, for other sizes; runtimes would take
-    # the two for one and share buffers between tensors of different shapes
-    del graph.value_info[:]
+    _own_dims(graph)
     graph.value_info.extend(vi for vi in twin.value_info if vi.name in used)
     versions = {o.domain or "": o.version for o in out.opset_import}
     for o in compiled.opset_import:
@@ -725,6 +803,19 @@ def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str 
     del out.metadata_props[:]
     out.metadata_props.extend(compiled.metadata_props)
     return out
+
+
+def _own_dims(graph: onnx.GraphProto) -> None:
+    """The deployed file's value_info keeps its shapes (onnxruntime's fusions, SkipLayerNorm
+    among them, need them) under its own names for symbolic dims: quantizers and converters
+    write ``unk__12`` where the twin's inference also writes ``unk__12`` for another size,
+    and a runtime taking the two for one shares buffers between tensors of different shapes.
+    The dims of the graph's inputs and outputs (``batch``) mean the same in both."""
+    shared = {d.dim_param for vi in [*graph.input, *graph.output] for d in vi.type.tensor_type.shape.dim}
+    for vi in graph.value_info:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param and d.dim_param not in shared:
+                d.dim_param = "deployed/" + d.dim_param
 
 
 def _live(nodes: list[onnx.NodeProto], wanted: set[str]) -> set[str]:

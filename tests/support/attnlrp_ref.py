@@ -143,11 +143,11 @@ def _identity_hook(module, inputs, output):
 
 
 def gradient_relevance(fn, x: np.ndarray, target, cp: bool = False, normalize: bool = False,
-                       position=None) -> np.ndarray:
+                       position=None, dtype=np.float64) -> np.ndarray:
     """Relevance at ``x`` for a plain torch function ``fn(x) -> logits`` written with
     ``torch.matmul``/``*``/``F.softmax``/``F.layer_norm`` (the products and softmax follow
     the rules above; use :func:`identity` for elementwise non-linearities)."""
-    xt = torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True)
+    xt = torch.tensor(np.asarray(x, dtype=dtype), requires_grad=True)
     with _Rules(cp):
         logits = fn(xt)
     scores = logits if position is None else logits[:, position]

@@ -38,9 +38,12 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis:
     return ((q - zero) * scale).astype(np.float32)
 
 
-def _fake_quant(x: torch.Tensor, scale, zero, bounds) -> torch.Tensor:
+def _fake_quant(x: torch.Tensor, scale, zero, bounds, margins: list | None = None) -> torch.Tensor:
     lo, hi = bounds
-    q = torch.clamp(torch.round(x / scale) + zero, lo, hi)
+    steps = x.detach() / scale
+    if margins is not None:  # how far (in steps) the closest value is from a rounding boundary
+        margins.append(float((steps - torch.floor(steps) - 0.5).abs().min()))
+    q = torch.clamp(torch.round(steps) + zero, lo, hi)
     return x + ((q - zero) * scale - x).detach()
 
 
@@ -61,6 +64,7 @@ class QuantizedNet(nn.Module):
                 self.consumers.setdefault(x, []).append(node)
         self.layers = nn.ModuleDict()
         self.sums = nn.ModuleDict()
+        self.margins: list[float] = []  # per rounding, see :func:`rounding_margin`
         self._fold_weights()
 
     def _fold_weights(self):
@@ -131,7 +135,8 @@ class QuantizedNet(nn.Module):
                 continue
             if op == "QuantizeLinear":
                 zero = self.consts[ins[2]]
-                y = _fake_quant(value(ins[0]), float(self.consts[ins[1]]), float(zero), _RANGES[zero.dtype])
+                y = _fake_quant(value(ins[0]), float(self.consts[ins[1]]), float(zero), _RANGES[zero.dtype],
+                                self.margins)
             elif op == "DequantizeLinear":
                 y = value(ins[0])  # already the dequantized value (see QuantizeLinear)
             elif op == "DynamicQuantizeLinear":
@@ -140,7 +145,7 @@ class QuantizedNet(nn.Module):
                 scale = (hi - lo) / 255
                 zero = torch.clamp(torch.round(-lo / scale), 0, 255)
                 env[node.output[1]], env[node.output[2]] = scale, zero
-                y = _fake_quant(value(ins[0]), scale, zero, (0, 255))
+                y = _fake_quant(value(ins[0]), scale, zero, (0, 255), self.margins)
             elif op in ("ConvInteger", "MatMulInteger"):
                 passing, w_scale, bias = self._integer_scale(node)
                 w = self.consts[ins[1]].astype(np.float32)
@@ -192,7 +197,20 @@ class QuantizedNet(nn.Module):
             else:
                 raise NotImplementedError(f"reference: {op}")
             env[node.output[0]] = y
+        self.env = env  # every value, for inspection
         return env[self.graph.output[0].name]
+
+
+def rounding_margin(model: onnx.ModelProto, x: np.ndarray) -> float:
+    """The smallest distance, in quantization steps, of any rounded activation of ``model``
+    on batch ``x`` from a rounding boundary (``k + 0.5``). Two float32 implementations of
+    the same network differ by ~1e-4 steps (their sums run in other orders); a value that
+    close to a boundary rounds either way, and a dynamic scale (the batch's range) carries
+    the difference to every sample. References agree only on batches with a larger margin."""
+    net = QuantizedNet(model).eval()
+    with torch.no_grad():
+        net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    return min(net.margins)
 
 
 def quantized_relevance(model: onnx.ModelProto, x: np.ndarray, composite_name: str, target=None) -> np.ndarray:
@@ -282,3 +300,34 @@ def dynamic_int8(model: nn.Module, float_file: onnx.ModelProto, deployed_file: o
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             module.register_forward_pre_hook(_rounded_input)
     return out
+
+
+def nbits_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``{float initializer name: Wᵀ [K, N]}`` for each ``MatMulNBits`` of ``model`` (from
+    onnxruntime's ``MatMulNBitsQuantizer``, whose packed weight is ``<name>_Q<bits>``), read
+    from onnxruntime's own kernel by multiplying the identity: the weights it computes with."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = _attrs(node)
+        k = int(attrs["K"])
+        single = helper.make_model(helper.make_graph(
+            [helper.make_node("MatMulNBits", ["eye", *node.input[1:]], ["w"], domain="com.microsoft", **attrs)], "w",
+            [helper.make_tensor_value_info("eye", TensorProto.FLOAT, [k, k])],
+            [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)],
+            [inits[x] for x in node.input[1:] if x in inits]), opset_imports=list(model.opset_import))
+        single.ir_version = model.ir_version
+        weight = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"eye": np.eye(k, dtype=np.float32)})[0]
+        name = node.input[1].rsplit("_Q", 1)[0]
+        out[name] = weight - (_bias_of(node, inits) if len(node.input) > 5 and node.input[5] else 0)
+    return out
+
+
+def _bias_of(node, inits) -> np.ndarray:
+    return numpy_helper.to_array(inits[node.input[5]])

@@ -584,16 +584,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lrpc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Interrupted
-        reason, signum = (exc.reason, exc.signum) if isinstance(exc, Interrupted) else ("interrupted", signal.SIGINT)
-        written = files.WRITTEN[already_written:]
-        print(f"lrpc: {reason}; " + (f"{written[-1]} had already been written" if written else "nothing was written"),
-              file=sys.stderr)
-        return 128 + signum
+        return _interrupted(exc, already_written)
     except OSError as exc:  # the disk, not lrpc: full, read-only, vanished
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"lrpc: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # a bug: still one line, unless debugging
+        interrupt = _interrupt_behind(exc)
+        if interrupt is not None:  # the signal came during an import, which wrapped it in an ImportError
+            return _interrupted(interrupt, already_written)
         if os.environ.get("LRPC_DEBUG"):
             raise
         print(f"lrpc: internal error: {type(exc).__name__}: {exc} (set LRPC_DEBUG=1 for details)", file=sys.stderr)
@@ -612,6 +611,28 @@ def _report_warnings(caught) -> None:
     for w in caught:
         if issubclass(w.category, ProviderWarning):
             _warn(str(w.message))
+
+
+def _interrupted(exc: KeyboardInterrupt, already_written: int) -> int:
+    """One line saying what the interruption left behind; the shell's exit code for it."""
+    from . import files
+
+    reason, signum = (exc.reason, exc.signum) if isinstance(exc, Interrupted) else ("interrupted", signal.SIGINT)
+    written = files.WRITTEN[already_written:]
+    print(f"lrpc: {reason}; " + (f"{written[-1]} had already been written" if written else "nothing was written"),
+          file=sys.stderr)
+    return 128 + signum
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt an exception was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class Interrupted(KeyboardInterrupt):

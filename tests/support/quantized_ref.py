@@ -302,32 +302,44 @@ def dynamic_int8(model: nn.Module, float_file: onnx.ModelProto, deployed_file: o
     return out
 
 
-def nbits_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """``{float initializer name: Wᵀ [K, N]}`` for each ``MatMulNBits`` of ``model`` (from
-    onnxruntime's ``MatMulNBitsQuantizer``, whose packed weight is ``<name>_Q<bits>``), read
-    from onnxruntime's own kernel by multiplying the identity: the weights it computes with."""
+def weight_only_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``{float initializer name: value}`` for the weight-only quantized tensors of ``model``,
+    as onnxruntime's own kernels compute them (each node run alone): ``MatMulNBits``
+    (``Wᵀ [K, N]``, read by multiplying the identity; packed weight ``<name>_Q<bits>``),
+    ``GatherBlockQuantized`` (the table, by looking up every row; ``<name>_Q4``) and a
+    blocked ``DequantizeLinear`` of an int4 initializer (``<name>_DQ_Q4``), all written by
+    onnxruntime's ``MatMulNBitsQuantizer``."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     inits = {t.name: t for t in model.graph.initializer}
+
+    def alone(node, feeds: dict, inputs: list) -> np.ndarray:
+        graph = helper.make_graph([node], "w", [helper.make_tensor_value_info(k, dtype, list(v.shape))
+                                                for k, (v, dtype) in feeds.items()],
+                                  [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+                                  [inits[x] for x in inputs if x in inits])
+        single = helper.make_model(graph, opset_imports=list(model.opset_import))
+        single.ir_version = model.ir_version
+        session = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {k: v for k, (v, _) in feeds.items()})[0]
+
     out = {}
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
         attrs = _attrs(node)
-        k = int(attrs["K"])
-        single = helper.make_model(helper.make_graph(
-            [helper.make_node("MatMulNBits", ["eye", *node.input[1:]], ["w"], domain="com.microsoft", **attrs)], "w",
-            [helper.make_tensor_value_info("eye", TensorProto.FLOAT, [k, k])],
-            [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)],
-            [inits[x] for x in node.input[1:] if x in inits]), opset_imports=list(model.opset_import))
-        single.ir_version = model.ir_version
-        weight = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            None, {"eye": np.eye(k, dtype=np.float32)})[0]
-        name = node.input[1].rsplit("_Q", 1)[0]
-        out[name] = weight - (_bias_of(node, inits) if len(node.input) > 5 and node.input[5] else 0)
+        if node.op_type == "MatMulNBits":
+            k = int(attrs["K"])
+            probe = helper.make_node("MatMulNBits", ["eye", *node.input[1:5]], ["w"], domain="com.microsoft",
+                                     **attrs)
+            out[node.input[1].rsplit("_Q", 1)[0]] = alone(
+                probe, {"eye": (np.eye(k, dtype=np.float32), TensorProto.FLOAT)}, node.input[1:5])
+        elif node.op_type == "GatherBlockQuantized":
+            rows = inits[node.input[0]].dims[int(attrs.get("gather_axis", 0))]
+            probe = helper.make_node("GatherBlockQuantized", [node.input[0], "ids", *node.input[2:]], ["w"],
+                                     domain="com.microsoft", **attrs)
+            out[node.input[0].rsplit("_Q", 1)[0]] = alone(
+                probe, {"ids": (np.arange(rows, dtype=np.int64), TensorProto.INT64)}, node.input)
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits and "_DQ_Q" in node.input[0]:
+            probe = helper.make_node("DequantizeLinear", node.input, ["w"], **attrs)
+            out[node.input[0].rsplit("_DQ_Q", 1)[0]] = alone(probe, {}, node.input)
     return out
-
-
-def _bias_of(node, inits) -> np.ndarray:
-    return numpy_helper.to_array(inits[node.input[5]])

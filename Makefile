@@ -51,6 +51,7 @@ bench: $(STAMP) $(SERVE_STAMP)
 	$(PY) benchmarks/memory.py --output BENCHMARKS.md
 	$(PY) benchmarks/targets.py --output BENCHMARKS.md
 	$(PY) benchmarks/explain_throughput.py --output BENCHMARKS.md
+	$(PY) benchmarks/deployed.py --output BENCHMARKS.md
 	$(PY) benchmarks/serve_load.py --serve-python $(SERVE_VENV)/bin/python --output BENCHMARKS.md
 
 clean:

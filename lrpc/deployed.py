@@ -647,7 +647,8 @@ _INTEGER_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), T
 def defined_roundings(graph: onnx.GraphProto) -> None:
     """Each activation rounding of the twin, ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)``
     with a per-tensor scale, written as the float arithmetic the two ops define:
-    ``(clip(round(x / s) + z, lo, hi) - z) · s`` (round half to even, as ``Round``).
+    ``(clip(round(x / s) + z, lo, hi) - z) · s = clip(round(x / s), lo - z, hi - z) · s``
+    (round half to even, as ``Round``; ``x / s`` a true division, as the op's).
 
     Written as Q/DQ, the twin's float layers between roundings are what onnxruntime's
     optimizer looks for: it re-quantizes their (dequantized) float weights with scales of its
@@ -675,19 +676,18 @@ def defined_roundings(graph: onnx.GraphProto) -> None:
         names = _Names(node)
         x, scale = quantizer.input[0], node.input[1]
         dtype = numpy_helper.to_array(inits[scale]).dtype if scale in inits else np.float32  # the twin's float
-        z = numpy_helper.to_array(inits[zero]).astype(np.float64) if zero else 0.0
+        z = float(numpy_helper.to_array(inits[zero])) if zero else 0.0
         lo, hi = _INTEGER_RANGES[zero_type]
+        # clip(round(x / s) + z, lo, hi) - z = clip(round(x / s), lo - z, hi - z): z is an integer
         constants = {}
-        for what, value in (("zero", z), ("lo", lo), ("hi", hi)):
+        for what, value in (("lo", lo - z), ("hi", hi - z)):
             constants[what] = names(what)
             graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype).reshape(()), constants[what]))
-        steps = [names("scaled"), names("rounded"), names("shifted"), names("clipped"), names("centered")]
+        steps = [names("scaled"), names("rounded"), names("clipped")]
         out += [helper.make_node("Div", [x, scale], [steps[0]]),
                 helper.make_node("Round", [steps[0]], [steps[1]]),
-                helper.make_node("Add", [steps[1], constants["zero"]], [steps[2]]),
-                helper.make_node("Clip", [steps[2], constants["lo"], constants["hi"]], [steps[3]]),
-                helper.make_node("Sub", [steps[3], constants["zero"]], [steps[4]]),
-                helper.make_node("Mul", [steps[4], scale], list(node.output), name=node.name)]
+                helper.make_node("Clip", [steps[1], constants["lo"], constants["hi"]], [steps[2]]),
+                helper.make_node("Mul", [steps[2], scale], list(node.output), name=node.name)]
     del graph.node[:]
     graph.node.extend(out)
 
@@ -705,7 +705,7 @@ def _dynamic_rounding(x: str, node: onnx.NodeProto, graph) -> list[onnx.NodeProt
         constants[what] = names(what)
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), constants[what]))
     t = {k: names(k) for k in ("min", "max", "lo", "hi", "range", "scale", "safe", "neg", "zq", "zr", "zp",
-                               "xs", "xr", "xz", "q", "c")}
+                               "xs", "xr", "below", "above", "c")}
     z, steps = constants["zero"], constants["steps"]
     return [
         helper.make_node("ReduceMin", [x], [t["min"]], keepdims=0),
@@ -721,9 +721,9 @@ def _dynamic_rounding(x: str, node: onnx.NodeProto, graph) -> list[onnx.NodeProt
         helper.make_node("Clip", [t["zr"], z, steps], [t["zp"]]),
         helper.make_node("Div", [x, t["safe"]], [t["xs"]]),
         helper.make_node("Round", [t["xs"]], [t["xr"]]),
-        helper.make_node("Add", [t["xr"], t["zp"]], [t["xz"]]),
-        helper.make_node("Clip", [t["xz"], z, steps], [t["q"]]),
-        helper.make_node("Sub", [t["q"], t["zp"]], [t["c"]]),
+        helper.make_node("Neg", [t["zp"]], [t["below"]]),  # clip(q + zp, 0, 255) - zp, on scalars
+        helper.make_node("Sub", [steps, t["zp"]], [t["above"]]),
+        helper.make_node("Clip", [t["xr"], t["below"], t["above"]], [t["c"]]),
         helper.make_node("Mul", [t["c"], t["scale"]], list(node.output), name=node.name),
     ]
 

@@ -8,6 +8,11 @@ float32 analysis twin (see the README), so the floor of its cost is the deployed
 plus the float32 explanation's.
 
     python benchmarks/deployed.py [--batches 1 8] [--repeats 5] [--output BENCHMARKS.md]
+    python benchmarks/deployed.py --providers cuda --forms float32 "int8 QDQ" float16 --json out.json
+
+On a GPU (``--providers cuda``: onnxruntime-gpu's CUDA execution provider, the session
+refused if it would fall back to the CPU) the same files are timed there; the relevance is
+also compared with the CPU's.
 """
 from __future__ import annotations
 
@@ -26,7 +31,10 @@ BEGIN, END = "<!-- lrpc-deployed-bench:begin -->", "<!-- lrpc-deployed-bench:end
 FORMS = ("float32", "int8 QDQ", "int8 QOperator", "float16")
 
 
-def build_forms(float32: str, directory: str) -> dict[str, str]:
+PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
+
+
+def build_forms(float32: str, directory: str, forms=FORMS) -> dict[str, str]:
     import onnx
     from onnxconverter_common import float16
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
@@ -45,10 +53,13 @@ def build_forms(float32: str, directory: str) -> dict[str, str]:
     pre = os.path.join(directory, "pre.onnx")
     quant_pre_process(float32, pre, skip_symbolic_shape=True)
     for form, fmt in (("int8 QDQ", QuantFormat.QDQ), ("int8 QOperator", QuantFormat.QOperator)):
+        if form not in forms:
+            continue
         paths[form] = os.path.join(directory, form.replace(" ", "-") + ".onnx")
         quantize_static(pre, paths[form], Calibration(), quant_format=fmt)
-    paths["float16"] = os.path.join(directory, "float16.onnx")
-    onnx.save(float16.convert_float_to_float16(onnx.load(float32), keep_io_types=True), paths["float16"])
+    if "float16" in forms:
+        paths["float16"] = os.path.join(directory, "float16.onnx")
+        onnx.save(float16.convert_float_to_float16(onnx.load(float32), keep_io_types=True), paths["float16"])
     return paths
 
 
@@ -57,8 +68,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--providers", choices=sorted(PROVIDERS), default="cpu")
+    parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS))
     parser.add_argument("--output")
+    parser.add_argument("--json", help="also write the rows as JSON (for runs on another machine)")
     args = parser.parse_args(argv)
+    providers = PROVIDERS[args.providers]
+    if args.providers == "cuda":
+        import onnxruntime
+
+        onnxruntime.preload_dlls()  # CUDA and cuDNN from the nvidia pip packages beside torch
 
     import models
     import run
@@ -69,14 +88,20 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         run.log("building the deployed forms")
-        paths = build_forms(float32, directory)
+        paths = build_forms(float32, directory, args.forms)
         sessions, compile_s = {}, {}
         for form, path in paths.items():
             start = time.perf_counter()
             compiled = lrpc.compile(path, lrpc.EpsilonPlusFlat(), verbose=False)
             compile_s[form] = time.perf_counter() - start
-            sessions[form] = (run.ort_session(path, args.threads)[0],
-                              run.ort_session(compiled.SerializeToString(), args.threads)[0])
+            sessions[form] = (run.ort_session(path, args.threads, providers=providers)[0],
+                              run.ort_session(compiled.SerializeToString(), args.threads, providers=providers)[0])
+            if args.providers != "cpu":  # the same file on the CPU: the relevance must not depend on where it runs
+                cpu = run.ort_session(compiled.SerializeToString(), args.threads)[0]
+                x = models.example_input(1)
+                device_relevance = sessions[form][1].run(None, {"input": x})[1]
+                run.log(f"{form}: relevance on {args.providers} vs CPU "
+                        f"{run._rel_err(device_relevance, cpu.run(None, {'input': x})[1]):.1e}")
             run.log(f"{form}: compiled in {compile_s[form]:.1f} s")
         for batch in args.batches:
             x = models.example_input(batch)
@@ -90,25 +115,41 @@ def main(argv=None) -> int:
                 inference, explain = (timings[(form, kind)][0].median_ms for kind in ("inference", "explain"))
                 relevance = timings[(form, "explain")][1][1]
                 agreement = run._rel_err(relevance, timings[("float32", "explain")][1][1])
+                floor = f32_explain + (inference if form != "float32" else 0.0)
                 rows.append((form, batch, inference, explain, explain / inference, explain / f32_explain,
-                             compile_s[form], agreement))
+                             explain / floor, compile_s[form], agreement))
                 run.log(f"{form} batch {batch}: inference {inference:.0f} ms, explanation {explain:.0f} ms")
     header = ("| form | batch | inference ms | explanation ms | explanation / its inference | "
-              "explanation / float32's | compile s | relevance vs float32's |")
-    table = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    table += [f"| {f} | {b} | {i:.0f} | {e:.0f} | {r:.2f} | {rf:.2f} | {c:.1f} | {a:.1e} |"
-              for f, b, i, e, r, rf, c, a in rows]
+              "explanation / float32's | explanation / floor | compile s | relevance vs float32's |")
+    table = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    table += [f"| {f} | {b} | {i:.0f} | {e:.0f} | {r:.2f} | {rf:.2f} | {fl:.2f} | {c:.1f} | {a:.1e} |"
+              for f, b, i, e, r, rf, fl, c, a in rows]
     print("\n".join(table))
+    if args.json:
+        import json
+
+        keys = ("form", "batch", "inference_ms", "explain_ms", "explain_per_inference", "explain_per_float32",
+                "explain_per_floor", "compile_s", "relevance_vs_float32")
+        with open(args.json, "w") as handle:
+            json.dump({"providers": args.providers, "rows": [dict(zip(keys, r)) for r in rows]}, handle, indent=1)
     if args.output:
         info = run.machine_info(args.threads)
-        lines = [*run.section_head("Deployed forms: int8 and float16 ResNet-50", info),
+        where = "" if args.providers == "cpu" else f" on {args.providers.upper()}"
+        lines = [*run.section_head(f"Deployed forms: int8 and float16 ResNet-50{where}", info),
+                 *([f"- GPU: {run._run(['nvidia-smi', '--query-gpu=name,driver_version', '--format=csv,noheader'])}; "
+                    f"onnxruntime {__import__('onnxruntime').__version__}"] if where else []),
                  f"- Settings: {args.threads} intra-op threads, EpsilonPlusFlat, median of {args.repeats} "
                  "interleaved rounds; int8 by onnxruntime's quantize_static, float16 by onnxconverter-common",
-                 f"- Command: `python benchmarks/deployed.py --batches {' '.join(map(str, args.batches))} "
-                 "--output BENCHMARKS.md`",
+                 f"- Command: `python benchmarks/deployed.py --providers {args.providers} --batches "
+                 f"{' '.join(map(str, args.batches))} --output BENCHMARKS.md`",
+                 "- Floor: the deployed file's own inference plus the float32 explanation (the compiled file runs "
+                 "both: the deployed forward for the outputs, the float32 twin for the relevance). Above it: the "
+                 "twin's roundings (four elementwise ops per rounded activation: QDQ rounds every activation).",
                  "- The relevance of an int8 file is its own (its activations are rounded), so it is not the float32 "
                  "file's: the last column says how far.", "", *table]
-        run.write_section(args.output, lines, BEGIN, END)
+        begin, end = (BEGIN, END) if not where else (BEGIN.replace(":begin", f"-{args.providers}:begin"),
+                                                     END.replace(":end", f"-{args.providers}:end"))
+        run.write_section(args.output, lines, begin, end)
     return 0
 
 

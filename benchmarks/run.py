@@ -105,12 +105,14 @@ def ort_options(threads: int, profile_prefix: str | None = None):
     return options
 
 
-def ort_session(model, threads: int, profile_prefix: str | None = None):
+def ort_session(model, threads: int, profile_prefix: str | None = None, providers=('CPUExecutionProvider',)):
     """``(session, seconds to create it)``; ``model`` is a path or serialized bytes."""
     import onnxruntime as ort
 
     start = time.perf_counter()
-    session = ort.InferenceSession(model, ort_options(threads, profile_prefix), providers=['CPUExecutionProvider'])
+    session = ort.InferenceSession(model, ort_options(threads, profile_prefix), providers=list(providers))
+    if session.get_providers()[0] != providers[0]:  # onnxruntime falls back to the CPU without a word
+        raise RuntimeError(f'{providers[0]} is not available: the session runs on {session.get_providers()}')
     return session, time.perf_counter() - start
 
 

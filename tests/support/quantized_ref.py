@@ -12,7 +12,9 @@ torch from the ONNX operator definitions (not from lrpc), for Zennit to explain.
   ONNX definition) and fake-quantizes the same way; ``ConvInteger`` / ``MatMulInteger`` and
   the ``Cast`` and ``Mul`` by ``x_scale · w_scale`` after them are one float layer whose
   weight is ``(w − w_zero) · w_scale``;
-- a residual ``Add`` of two activations is ``zennit.layer.Sum`` (Zennit's Norm rule).
+- a residual ``Add`` of two activations is ``zennit.layer.Sum`` (Zennit's Norm rule);
+- a squeeze-and-excitation gate ``x * sigmoid(s)`` holds the gate constant (``detach``), as
+  lrpc's gate rule does; ``Clip(0, 6)`` is an ``nn.ReLU6`` module (Zennit's activation rule).
 """
 
 from __future__ import annotations
@@ -54,10 +56,13 @@ def _attrs(node) -> dict:
 class QuantizedNet(nn.Module):
     """``forward(x)`` evaluates the quantized graph as described in the module docstring."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, integers: dict | None = None):
         super().__init__()
         self.graph = model.graph
+        self.integers = integers or {}  # float tensor name -> the integers a deployed run rounded it to
         self.consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
         self.consumers: dict[str, list] = {}
         for node in model.graph.node:
             for x in node.input:
@@ -123,17 +128,26 @@ class QuantizedNet(nn.Module):
     def forward(self, x):
         env = {self.graph.input[0].name: x}
         passthrough = {}
+        gates = set()  # sigmoid outputs (and their roundings): squeeze-and-excitation gates
         value = lambda name: env[name] if name in env else torch.from_numpy(self.consts[name])  # noqa: E731
         for node in self.graph.node:
             op, ins, a = node.op_type, list(node.input), _attrs(node)
             if all(i in self.consts or not i for i in ins) and op != "DynamicQuantizeLinear":
                 if op == "Reshape":  # a bias reshaped to [1, C, 1, 1]
                     self.consts[node.output[0]] = self.consts[ins[0]].reshape(self.consts[ins[1]])
+                elif op == "Identity":  # an exporter's shared (equal) bias
+                    self.consts[node.output[0]] = self.consts[ins[0]]
                 continue  # weights (folded above) and other constants
             if node.output[0] in passthrough:
                 env[node.output[0]] = env[passthrough[node.output[0]]]
                 continue
-            if op == "QuantizeLinear":
+            if op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") and ins[0] in gates:
+                gates.add(node.output[0])
+            if op == "QuantizeLinear" and ins[0] in self.integers:  # the deployed run's rounding
+                zero, scale = float(self.consts[ins[2]]), float(self.consts[ins[1]])
+                q = torch.from_numpy(self.integers[ins[0]].astype(np.float32))
+                y = value(ins[0]) + ((q - zero) * scale - value(ins[0])).detach()
+            elif op == "QuantizeLinear":
                 zero = self.consts[ins[2]]
                 y = _fake_quant(value(ins[0]), float(self.consts[ins[1]]), float(zero), _RANGES[zero.dtype],
                                 self.margins)
@@ -178,8 +192,17 @@ class QuantizedNet(nn.Module):
                 y = self.sums[key](torch.stack([env[ins[0]], env[ins[1]]], dim=-1))
             elif op == "Add":
                 y = value(ins[0]) + value(ins[1])
+            elif op == "Mul" and any(i in gates for i in ins) and all(i in env for i in ins):
+                gate = next(i for i in ins if i in gates)  # x * sigmoid(...): the gate is a constant
+                y = value(next(i for i in ins if i != gate) if ins[0] != ins[1] else ins[0]) * value(gate).detach()
             elif op == "Mul":  # x_scale · w_scale (the product itself is folded into the layer above)
                 y = value(ins[0]) * value(ins[1])
+            elif op == "Sigmoid":
+                y = torch.sigmoid(value(ins[0]))
+                gates.add(node.output[0])
+            elif op == "Clip" and all(self.consts.get(i) is not None for i in ins[1:3]) and \
+                    (float(self.consts[ins[1]]), float(self.consts[ins[2]])) == (0.0, 6.0):
+                y = self._module(node, nn.ReLU6)(value(ins[0]))  # a module: Zennit's activation rule
             elif op == "Relu":
                 y = torch.relu(value(ins[0]))
             elif op == "MaxPool":
@@ -213,11 +236,23 @@ def rounding_margin(model: onnx.ModelProto, x: np.ndarray) -> float:
     return min(net.margins)
 
 
-def quantized_relevance(model: onnx.ModelProto, x: np.ndarray, composite_name: str, target=None) -> np.ndarray:
+def qoperator_integers(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
+    """``{float tensor name: integers}`` of a QOperator file's run (onnxruntime names each op's
+    quantized output ``<float tensor>_quantized``), for :class:`QuantizedNet` on the QDQ file
+    of the same calibration: QOperator kernels round ties their own way (requantization in
+    fixed point), and lrpc reads their integers."""
+    from .onnx_torch import quantized_integers
+
+    return {name[:-len("_quantized")]: q for name, q in quantized_integers(model, feeds).items()
+            if name.endswith("_quantized")}
+
+
+def quantized_relevance(model: onnx.ModelProto, x: np.ndarray, composite_name: str, target=None,
+                        integers: dict | None = None) -> np.ndarray:
     """Zennit's relevance for the quantized ``model`` rebuilt by :class:`QuantizedNet`."""
     from .zennit_ref import _attribute, composite
 
-    net = QuantizedNet(model).eval()
+    net = QuantizedNet(model, integers).eval()
     with torch.no_grad():
         net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))  # builds the layers
     return _attribute(net, x, target, composite(composite_name), normalize=True)

@@ -10,11 +10,15 @@ The compiled file of such a model holds two copies of its forward pass:
 - the **analysis twin**, which the relevance pass reads: the same network with every
   quantized op written as its float equivalent between ``DequantizeLinear`` and
   ``QuantizeLinear`` (``QLinearConv`` → DQ → ``Conv`` → Q, ``MatMulInteger`` → ``MatMul`` of
-  DQ'ed operands, ``MatMulNBits`` → ``MatMul`` with the dequantized weight), in one float
-  precision (float32 unless ``relevance_dtype`` says otherwise). Its activations are the
-  quantized model's (each ``QuantizeLinear → DequantizeLinear`` pair is a rounding, through
-  which relevance passes as through an activation: a straight-through fake quantization),
-  its weights the dequantized values, which rules modify (W⁺, W², ...).
+  DQ'ed operands, ``MatMulNBits`` → ``MatMul`` with the dequantized weight), quantized
+  constants folded (weights, biases, embedding tables), in one float precision (float32
+  unless ``relevance_dtype`` says otherwise). Its weights are the dequantized values, which
+  rules modify (W⁺, W², ...); each ``QuantizeLinear → DequantizeLinear`` pair is a rounding,
+  through which relevance passes as through an activation. In the written file the
+  roundings of a QOperator twin read the deployed run's integers
+  (:func:`deployed_roundings`), those of QDQ and dynamic twins are the float arithmetic the
+  ops define (:func:`defined_roundings`): reading a QDQ group's tensors would stop
+  onnxruntime fusing it.
 
 The whole pipeline (canonize, check, rules, emit) runs on the twin as on any float model;
 :func:`stitch` then renames the twin's tensors apart (``lrp/twin/...``: runtimes would

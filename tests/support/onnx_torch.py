@@ -284,10 +284,13 @@ def quantized_integers(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndar
     typed = onnx.shape_inference.infer_shapes(model)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in typed.graph.value_info}
     inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:  # contrib QLinear ops: the type of their output zero point (last input)
+    for node in model.graph.node:  # contrib QLinear ops: the type of their output zero point (last input);
         zero = inits.get(node.input[-1]) if node.op_type.startswith("QLinear") or node.op_type == "QGemm" else None
         if zero is not None and node.output[0] not in types:
             types[node.output[0]] = zero.data_type
+        elif node.op_type in ("Flatten", "Reshape", "MaxPool", "Transpose", "Squeeze", "Unsqueeze") \
+                and node.output[0] not in types and node.input[0] in types:  # after them, ops that keep the type
+            types[node.output[0]] = types[node.input[0]]
     wanted = [o for n in model.graph.node if n.op_type != "Constant" for o in n.output
               if types.get(o) in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)]
     probe = onnx.ModelProto()

@@ -236,15 +236,25 @@ def rounding_margin(model: onnx.ModelProto, x: np.ndarray) -> float:
     return min(net.margins)
 
 
-def qoperator_integers(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
-    """``{float tensor name: integers}`` of a QOperator file's run (onnxruntime names each op's
-    quantized output ``<float tensor>_quantized``), for :class:`QuantizedNet` on the QDQ file
-    of the same calibration: QOperator kernels round ties their own way (requantization in
-    fixed point), and lrpc reads their integers."""
+def qoperator_integers(model: onnx.ModelProto, feeds: dict, qdq: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``{tensor of the QDQ file: integers}`` of a QOperator file's run, for :class:`QuantizedNet`
+    on the QDQ file of the same calibration: QOperator kernels round ties their own way (and,
+    on CPUs without VNNI, saturate u8×s8 sums), and lrpc reads their integers. onnxruntime
+    names each op's quantized output ``<float tensor>_quantized``; a layer's output is found by
+    its weight (the QDQ file drops the ReLU a quantization range implies and names the layer's
+    output after it)."""
     from .onnx_torch import quantized_integers
 
-    return {name[:-len("_quantized")]: q for name, q in quantized_integers(model, feeds).items()
-            if name.endswith("_quantized")}
+    computed = quantized_integers(model, feeds)
+    out = {name[:-len("_quantized")]: q for name, q in computed.items() if name.endswith("_quantized")}
+    weighted = {n.input[3]: n.output[0] for n in model.graph.node if n.op_type in ("QLinearConv", "QLinearMatMul", "QGemm")}
+    dequantized = {n.output[0]: n.input[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    for node in qdq.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+            layer = weighted.get(dequantized.get(node.input[1], ""))
+            if layer in computed:
+                out[node.output[0]] = computed[layer]
+    return out
 
 
 def quantized_relevance(model: onnx.ModelProto, x: np.ndarray, composite_name: str, target=None,

@@ -238,6 +238,20 @@ def is_float(tensor) -> bool:
     return dtype_kind(tensor) in (None, "f")
 
 
+def rounded_from(tensor) -> tuple[object, list]:
+    """``(t, roundings)``: the tensor an activation rounding chain ends in ``tensor`` came from,
+    looking through ``QuantizeLinear -> DequantizeLinear`` pairs (a QDQ model has one after
+    every op; for relevance a rounding is an activation), and the pairs' nodes."""
+    roundings = []
+    while len(tensor.inputs) == 1 and tensor.inputs[0].op == "DequantizeLinear":
+        quantized = tensor.inputs[0].inputs[0]
+        if len(quantized.inputs) != 1 or quantized.inputs[0].op != "QuantizeLinear" or len(quantized.outputs) != 1:
+            break
+        roundings += [tensor.inputs[0], quantized.inputs[0]]
+        tensor = quantized.inputs[0].inputs[0]
+    return tensor, roundings
+
+
 def constant_value(tensor) -> np.ndarray | None:
     """The numpy value of an initializer / folded constant, else None."""
     if isinstance(tensor, gs.Constant):

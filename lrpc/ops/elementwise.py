@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ..graph import static_shape
+from ..graph import rounded_from, static_shape
 from ..spec import Kind, OpSpec, first_input_only, identity_route, identity_vjp, other_operand
 from ..symbolic import Emitter, Sym
 from .products import gate_slot
@@ -48,10 +48,12 @@ def _is_gate(node: gs.Node, slot: int) -> bool:
 
     The gate is treated as a constant: all relevance goes to the signal. (``x *
     Sigmoid(x)`` itself is SiLU and is fused into one activation before this applies.)
+    A quantized model's roundings between the gate and the product are looked through.
     """
     if len(node.inputs) != 2:
         return False
-    producers = [t.inputs[0].op if len(t.inputs) == 1 else None for t in node.inputs]
+    sources = [rounded_from(t)[0] for t in node.inputs]
+    producers = [t.inputs[0].op if len(t.inputs) == 1 else None for t in sources]
     return producers[slot] in GATES and producers[1 - slot] not in GATES
 
 

@@ -19,12 +19,16 @@ _MOVERS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", 
 
 
 def source_kind(tensor: gs.Tensor, limit: int = 12) -> str | None:
-    """``"softmax"`` or ``"activation"`` when ``tensor`` is (a moved copy of) such an
-    op's output, else None."""
+    """``"softmax"`` or ``"activation"`` when ``tensor`` is (a moved or rounded copy of) such
+    an op's output, else None (a quantized model's roundings are activations themselves,
+    and would hide what they round)."""
+    from ..graph import rounded_from
     from ..registry import lookup
     from ..spec import Kind
 
     for _ in range(limit):
+        if not isinstance(tensor, gs.Constant):
+            tensor, _ = rounded_from(tensor)
         if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
             return None
         node = tensor.inputs[0]

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import Program, constant_value
+from ..graph import Program, constant_value, rounded_from
 from ..spec import SHAPE_READERS
 
 
@@ -47,14 +47,7 @@ class _Pattern:
         intermediate values are rounded to int8 is still one GELU for relevance, and the
         compiled file keeps the rounded nodes for its forward pass."""
         ops = (op,) if isinstance(op, str) else op
-        roundings = []
-        while len(tensor.inputs) == 1 and tensor.inputs[0].op == "DequantizeLinear":
-            quantized = tensor.inputs[0].inputs[0]
-            if len(quantized.inputs) != 1 or quantized.inputs[0].op != "QuantizeLinear" \
-                    or len(quantized.outputs) != 1:
-                break
-            roundings += [tensor.inputs[0], quantized.inputs[0]]
-            tensor = quantized.inputs[0].inputs[0]
+        tensor, roundings = rounded_from(tensor)
         if len(tensor.inputs) != 1 or tensor.inputs[0].op not in ops:
             return None
         node = tensor.inputs[0]

@@ -13,8 +13,10 @@ torch from the ONNX operator definitions (not from lrpc), for Zennit to explain.
   the ``Cast`` and ``Mul`` by ``x_scale · w_scale`` after them are one float layer whose
   weight is ``(w − w_zero) · w_scale``;
 - a residual ``Add`` of two activations is ``zennit.layer.Sum`` (Zennit's Norm rule);
-- a squeeze-and-excitation gate ``x * sigmoid(s)`` holds the gate constant (``detach``), as
-  lrpc's gate rule does; ``Clip(0, 6)`` is an ``nn.ReLU6`` module (Zennit's activation rule).
+- a squeeze-and-excitation gate ``x * sigmoid(s)`` passes the relevance of its output to ``x``
+  unchanged, as lrpc's gate rule does (``x + (x·g − x).detach()``: Zennit's gradients are
+  relevances, and a plain product would scale them by the gate); ``Clip(0, 6)`` is an
+  ``nn.ReLU6`` module (Zennit's activation rule).
 """
 
 from __future__ import annotations
@@ -193,8 +195,9 @@ class QuantizedNet(nn.Module):
             elif op == "Add":
                 y = value(ins[0]) + value(ins[1])
             elif op == "Mul" and any(i in gates for i in ins) and all(i in env for i in ins):
-                gate = next(i for i in ins if i in gates)  # x * sigmoid(...): the gate is a constant
-                y = value(next(i for i in ins if i != gate) if ins[0] != ins[1] else ins[0]) * value(gate).detach()
+                gate = next(i for i in ins if i in gates)  # x * sigmoid(...): a constant gate relevance passes
+                signal = value(next(i for i in ins if i != gate) if ins[0] != ins[1] else ins[0])
+                y = signal + (signal * value(gate) - signal).detach()  # Zennit's gradients are relevances
             elif op == "Mul":  # x_scale · w_scale (the product itself is folded into the layer above)
                 y = value(ins[0]) * value(ins[1])
             elif op == "Sigmoid":

@@ -391,16 +391,17 @@ def _transformer_feed(name: str, form: str, ex: tz.Example) -> dict:
     return feeds
 
 
-def _transformer_relevance(name: str, form: str, ex: tz.Example) -> tuple[np.ndarray, np.ndarray]:
+def _transformer_relevance(name: str, form: str, ex: tz.Example, preset: str = "AttnLRP") -> tuple:
     model = transformer_forms(name)[form]
-    compiled = lrpc.compile(model, lrpc.AttnLRP(epsilon=EPSILON), normalize_output_relevance=False, verbose=False)
+    compiled = lrpc.compile(model, getattr(lrpc, preset)(epsilon=EPSILON), normalize_output_relevance=False,
+                            verbose=False)
     logits, relevance = _run(compiled, _transformer_feed(name, form, ex))
     return logits, relevance.astype(np.float32)
 
 
-def _attnlrp_reference(name: str, model: torch.nn.Module, ex: tz.Example) -> np.ndarray:
+def _attnlrp_reference(name: str, model: torch.nn.Module, ex: tz.Example, preset: str = "AttnLRP") -> np.ndarray:
     x = ex.pixels if ex.pixels is not None else tz.embed(model, ex.ids)
-    return attnlrp_ref.relevance(model, tz.logits_fn(name, ex.mask), x)
+    return attnlrp_ref.relevance(model, tz.logits_fn(name, ex.mask), x, cp=preset == "CPLRP")
 
 
 def _forms_of(forms):
@@ -417,17 +418,18 @@ def test_transformer_outputs_are_the_deployed_files_own(name, form):
     assert relevance.shape == explained.shape and np.isfinite(relevance).all() and np.abs(relevance).max() > 0
 
 
+@pytest.mark.parametrize("preset", ["AttnLRP", "CPLRP"])
 @pytest.mark.parametrize("name", TRANSFORMERS)
-def test_dynamic_int8_transformer_matches_the_reference(name):
-    """Token relevance at the (dequantized) embedding output, AttnLRP; the reference is not
-    the float model's (int8 activations move the relevance by 19-34% here)."""
+def test_dynamic_int8_transformer_matches_the_reference(name, preset):
+    """Token relevance at the (dequantized) embedding output; the reference is not the float
+    model's (int8 activations move the relevance by 19-34% here)."""
     ex = tz.example(name, 3)
     reference_model = dynamic_int8(tz.build(name), onnx.load_from_string(transformer_forms(name)["float32"]),
                                    onnx.load_from_string(transformer_forms(name)["dynamic"]))
-    _, got = _transformer_relevance(name, "dynamic", ex)
-    ref = _attnlrp_reference(name, reference_model, ex)
+    _, got = _transformer_relevance(name, "dynamic", ex, preset)
+    ref = _attnlrp_reference(name, reference_model, ex, preset)
     assert _relative(got, ref) < 1e-4
-    assert _relative(ref, _attnlrp_reference(name, tz.build(name), ex)) > 1e-2
+    assert _relative(ref, _attnlrp_reference(name, tz.build(name), ex, preset)) > 1e-2
 
 
 @pytest.mark.parametrize("name, form", _forms_of(INT4))
@@ -444,9 +446,10 @@ def test_int4_transformer_is_the_dequantized_float_model(name, form):
     assert _relative(got, _attnlrp_reference(name, reference_model, ex)) < 1e-4
 
 
+@pytest.mark.parametrize("preset", ["AttnLRP", "CPLRP"])
 @pytest.mark.parametrize("form", ["qdq", "qoperator"])
 @pytest.mark.parametrize("name", TRANSFORMERS)
-def test_static_int8_transformer_matches_the_graph_reference(name, form):
+def test_static_int8_transformer_matches_the_graph_reference(name, form, preset):
     """The quantized graph evaluated op by op in torch (``support.onnx_torch``) with AttnLRP's
     rules. QOperator: its roundings are the deployed run's own integers, which lrpc reads too.
     QDQ: lrpc rounds as the ONNX definition in float32 (onnxruntime's fused kernels would stop
@@ -458,10 +461,10 @@ def test_static_int8_transformer_matches_the_graph_reference(name, form):
     explained = "input" if ex.pixels is not None else onnx_torch.embedding_output(model)
     given = {"integers": onnx_torch.quantized_integers(model, feeds)} if form == "qoperator" else \
         {"dtype": torch.float32}
-    ref = onnx_torch.attnlrp_relevance(model, feeds, explained, **given)
-    _, got = _transformer_relevance(name, form, ex)
+    ref = onnx_torch.attnlrp_relevance(model, feeds, explained, cp=preset == "CPLRP", **given)
+    _, got = _transformer_relevance(name, form, ex, preset)
     assert _relative(got, ref) < 1e-4
-    assert _relative(ref, _attnlrp_reference(name, tz.build(name), ex)) > 1e-2  # int8 is not the float model
+    assert _relative(ref, _attnlrp_reference(name, tz.build(name), ex, preset)) > 1e-2  # int8 is not the float model
 
 
 @pytest.mark.parametrize("form, same_weights", [("float16", 1e-3), ("bfloat16", 1e-4)])

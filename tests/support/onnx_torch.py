@@ -301,9 +301,10 @@ def quantized_integers(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndar
 
 
 def attnlrp_relevance(model: onnx.ModelProto, feeds: dict, explained: str, target=None, dtype=torch.float64,
-                      integers: dict | None = None) -> np.ndarray:
-    """AttnLRP relevance (ε → 0, output relevance the logit) of ``model`` at tensor ``explained``
-    (a graph input, or a tensor such as the embedding output) for the batch ``feeds``."""
+                      integers: dict | None = None, cp: bool = False) -> np.ndarray:
+    """AttnLRP relevance (ε → 0, output relevance the logit; ``cp``: CP-LRP's) of ``model`` at
+    tensor ``explained`` (a graph input, or a tensor such as the embedding output) for the
+    batch ``feeds``."""
     graph = Graph(model, dtype, integers)
     output = model.graph.output[0].name
     with torch.no_grad():
@@ -314,4 +315,4 @@ def attnlrp_relevance(model: onnx.ModelProto, feeds: dict, explained: str, targe
             return graph.run({**feeds, explained: xt})[output]
         return graph.run(feeds, inject={explained: xt})[output]
 
-    return gradient_relevance(logits, x, target, dtype=np.float32 if dtype == torch.float32 else np.float64)
+    return gradient_relevance(logits, x, target, cp=cp, dtype=np.float32 if dtype == torch.float32 else np.float64)

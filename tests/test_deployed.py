@@ -212,6 +212,24 @@ def test_quantized_relevance_matches_the_fake_quantized_reference(name, form, pr
     assert _relative(got, ref) < 1e-4, f"closest rounding: {rounding_margin(reference_file, x):.1e} steps"
 
 
+@pytest.mark.parametrize("form", ["qdq", "qoperator"])
+@pytest.mark.parametrize("name", ["lenet", "vgg", "resnet"])
+def test_quantized_relevance_under_lrp_epsilon_matches_the_graph_reference(name, form):
+    """LRP-ε everywhere (ε → 0) against the quantized graph evaluated op by op in torch as
+    Gradient × Input (``support.onnx_torch``; QOperator: with the deployed run's integers;
+    QDQ: in float32): the VGG's QOperator file too, which the Zennit reference above misses."""
+    model = forms(name)[form]
+    x = _input(name, form, n=3)
+    feeds = _feed(model, x)
+    proto = onnx.load_from_string(model)
+    given = {"integers": onnx_torch.quantized_integers(proto, feeds)} if form == "qoperator" else \
+        {"dtype": torch.float32}
+    ref = onnx_torch.attnlrp_relevance(proto, feeds, proto.graph.input[0].name, **given)
+    epsilon = lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(1e-12)))
+    got = _run(lrpc.compile(model, epsilon, normalize_output_relevance=False, verbose=False), feeds)[1]
+    assert _relative(got, ref) < 1e-4
+
+
 def test_quantized_relevance_is_not_the_float_models():
     """The reference above is not vacuous: int8 activations change the relevance."""
     x = _input("lenet", "qdq")

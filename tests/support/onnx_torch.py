@@ -1,6 +1,7 @@
 """ONNX graphs evaluated in torch, op by op from the ONNX definitions (no lrpc code), for the
-AttnLRP reference (``attnlrp_ref.gradient_relevance``) of graphs no torch module describes:
-statically quantized transformers, in QDQ and QOperator form.
+Gradient × Input references (``attnlrp_ref.gradient_relevance``: AttnLRP, CP-LRP, and LRP-ε
+as ε → 0) of graphs no torch module describes: statically quantized transformers and CNNs,
+in QDQ and QOperator form.
 
 Floats run in float64, or in float32 (``dtype``): a QDQ file's roundings are decided by
 float32 arithmetic in the twin lrpc compiles and in onnxruntime's reference kernels, and
@@ -16,6 +17,8 @@ detached) and, here:
   relevance passes unchanged (``(clip(round(x / s) + z) − z) · s``, round half to even);
   the ``DequantizeLinear`` after it is then the identity, while one of an initializer is
   the dequantized constant;
+- pooling and the other linear ops are their plain functions (Gradient × Input: LRP-ε
+  as ε → 0; ``MaxPool``'s gradient routes to the window's first maximum);
 - ``Erf`` is held constant: GELU's ``0.5 · x · (1 + erf(x / √2))`` then has one path, the
   linear one in ``x``, whose Gradient × Input is the GELU's output: the identity rule;
   ``Tanh`` has the identity rule.
@@ -145,13 +148,18 @@ def _evaluate(graph: Graph, node, value, rounded) -> list:
         if len(ins) > 6 and ins[6]:
             y = y + _bias(graph, value, ins, bias=6)
         return [fq(y, ins[7], ins[8])] if len(ins) > 7 and ins[7] else [y]
+    if op == "QLinearGlobalAveragePool":
+        return [fq(dq(0).mean(dim=(2, 3), keepdim=True), ins[3], ins[4])]
+    if op == "QLinearAveragePool":
+        y = F.avg_pool2d(dq(0), a["kernel_shape"], a.get("strides", 1), a.get("pads", [0, 0, 0, 0])[:2])
+        return [fq(y, ins[3], ins[4])]
     if op == "QLinearSoftmax":
         return [fq(torch.softmax(dq(0), dim=a.get("axis", -1)), ins[3], ins[4])]
     if op == "QLinearConcat":
         parts = [dq(i) for i in range(2, len(ins), 3)]
         return [fq(torch.cat(parts, dim=a["axis"]), ins[0], ins[1])]
-    if op in ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Slice", "Gather", "Concat", "Expand") \
-            and ins and ins[0] in rounded:
+    if op in ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Slice", "Gather", "Concat", "Expand",
+              "MaxPool") and ins and ins[0] in rounded:
         rounded.add(node.output[0])  # moves quantized values around: they stay rounded
     return [_standard(op, ins, a, value, x)]
 
@@ -199,6 +207,12 @@ def _standard(op, ins, a, value, x):
              "Greater": torch.gt}[op]
         y = f(x, value(ins[1]))
         return y.to(torch.int64) if op == "Div" and not x.is_floating_point() else y
+    if op == "MaxPool":
+        return F.max_pool2d(x, a["kernel_shape"], a.get("strides", 1), a.get("pads", [0, 0, 0, 0])[:2])
+    if op == "GlobalAveragePool":
+        return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+    if op == "AveragePool":
+        return F.avg_pool2d(x, a["kernel_shape"], a.get("strides", 1), a.get("pads", [0, 0, 0, 0])[:2])
     if op == "Erf":
         return torch.erf(x).detach()
     if op == "Tanh":

@@ -254,6 +254,11 @@ def emit_model(
         try:
             check(out, "compiled model", full=True)
         except LrpcError as exc:
+            try:  # the file carries the deployed forward as it is: its own types must agree
+                check(program.deployed, "the model", full=True)
+            except LrpcError as own:
+                raise LrpcError(f"{own}: its forward pass goes into the compiled file unchanged, so it must pass "
+                                "the ONNX checker's full check") from None
             raise LrpcError(f"internal error: the compiled model fails the ONNX checker: {exc}") from None
         _verify_loads(out)
         return out

@@ -307,6 +307,21 @@ def test_bad_relevance_dtype_is_one_line():
         lrpc.compile(forms("lenet")["qdq"], relevance_dtype="int8", verbose=False)
 
 
+def test_a_deployed_file_whose_own_types_do_not_check_is_refused_in_one_line():
+    """onnxconverter-common's float16 ViT keeps ``Cast(to=float)`` after the softmax but
+    declares its output float16: onnxruntime does not load the file; lrpc says why (it used to
+    call this its own internal error)."""
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load_from_string(transformer_forms("vit")["float32"]),
+                                             keep_io_types=True)
+    with pytest.raises(lrpc.LrpcError) as info:
+        lrpc.compile(model, "AttnLRP", verbose=False)
+    message = str(info.value)
+    assert "internal error" not in message and "\n" not in message
+    assert "Inferred elem type differs" in message and "goes into the compiled file unchanged" in message
+
+
 def test_quantized_op_without_a_rule_is_named():
     """An unknown quantized op is listed by name, never as 'does not depend on this input'."""
     model = onnx.load_from_string(forms("lenet")["qoperator"])

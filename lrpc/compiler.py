@@ -214,11 +214,12 @@ def emit_model(
     keep = [vi for vi in out.graph.value_info if not vi.name.startswith("lrp/")]
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep)
-    # lrp_target defaults to [] ("explain the arg-max") so callers may omit it, unless it is
-    # a required input (--target-input required: every runtime and server sees it); a
-    # dense output's region to all ones (the whole output counts unless the caller marks a part)
+    # lrp_target defaults to [-1] ("explain the arg-max"; one row of -1 with several targets)
+    # so callers may omit it, unless it is a required input (--target-input required: every
+    # runtime and server sees it); a dense output's region to all ones (the whole output
+    # counts unless the caller marks a part)
     defaults = [] if target_input == "required" else [
-        numpy_helper.from_array(np.zeros((0, targets) if targets > 1 else 0, dtype=np.int64), TARGET_NAME)]
+        numpy_helper.from_array(np.full((1, targets) if targets > 1 else 1, -1, dtype=np.int64), TARGET_NAME)]
     if emitted.region is not None:
         ones = np.ones([1] * len(emitted.region.shape), dtype=np.dtype(emitted.region.dtype))
         defaults.append(numpy_helper.from_array(ones, REGION_NAME))

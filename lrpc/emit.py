@@ -354,20 +354,35 @@ def _nan_if_out_of_range(em: Emitter, chosen, classes) -> Sym:
 
 def _per_sample(em: Emitter, target, logits, width: int = 1):
     """``lrp_target`` as one class per sample, ``[N]`` (``width`` > 1: ``[N, width]``, one
-    row of classes per sample): empty means -1 everywhere (the arg-max; for several targets
-    the j-th highest class); any other size must be N·width. A length-1 target for a batch
-    of N > 1 is an error from the runtime (a Reshape that cannot fit), never silently
-    broadcast: a batching server that merges requests with and without targets must not
-    mix them up."""
+    row of classes per sample): empty, or a single row of negatives (the default ``[-1]``),
+    means -1 everywhere (the arg-max; for several targets the j-th highest class); any other
+    size must be N·width. A single row of classes for a batch of N > 1 is an error from the
+    runtime (a Reshape that cannot fit), never silently broadcast: a batching server that
+    merges requests with and without targets must not mix them up.
+
+    The default is one -1, not an empty tensor: OpenVINO folds a defaulted input into a
+    constant, and takes an empty one for a single element (its arg-max file then explained
+    a relevance of shape ``(0, ...)``, or failed for N > 1)."""
     n = em.op("Shape", [logits], {"start": 0, "end": 1}, dtype=np.int64)
     rows = n if width == 1 else em.op("Concat", [n, em.ints([width])], {"axis": 0}, dtype=np.int64)
-    size = em.op("Size", [target], dtype=np.int64)
-    empty = em.cast(em.op("Equal", [size, em.const(0, np.int64)], dtype=np.bool_), np.int64)
-    count = em.op("Mul", [n, empty], dtype=np.int64) if width == 1 else em.op(
-        "Mul", [em.op("Mul", [n, empty], dtype=np.int64), em.ints([width])], dtype=np.int64)
-    filler = em.op("Expand", [em.ints([-1]), count], dtype=np.int64)
     flat = target if width == 1 else em.op("Reshape", [target, em.ints([-1])], dtype=np.int64)
-    joined = em.op("Concat", [flat, filler], {"axis": 0}, dtype=np.int64)
+    size = em.op("Size", [flat], dtype=np.int64)
+    zero = em.const(0, np.int64)
+    padded = em.op("Concat", [flat, em.ints([-1])], {"axis": 0}, dtype=np.int64)  # never empty
+    all_negative = em.op("Less", [em.op("ReduceMax", [padded], {"keepdims": 0}, dtype=np.int64), zero],
+                         dtype=np.bool_)
+    one_row = em.op("Equal", [size, em.const(width, np.int64)], dtype=np.bool_)
+    default = em.op("Or", [em.op("Equal", [size, zero], dtype=np.bool_),
+                           em.op("And", [all_negative, one_row], dtype=np.bool_)], dtype=np.bool_)
+    chosen = em.cast(default, np.int64)
+    count = em.op("Mul", [n, chosen], dtype=np.int64)
+    if width > 1:
+        count = em.op("Mul", [count, em.ints([width])], dtype=np.int64)
+    keep = em.op("Mul", [size, em.op("Sub", [em.const(1, np.int64), chosen], dtype=np.int64)], dtype=np.int64)
+    kept = em.op("Slice", [flat, em.ints([0]), em.op("Unsqueeze", [keep, em.ints([0])], dtype=np.int64)],
+                 dtype=np.int64)
+    filler = em.op("Expand", [em.ints([-1]), count], dtype=np.int64)
+    joined = em.op("Concat", [kept, filler], {"axis": 0}, dtype=np.int64)
     return em.op("Reshape", [joined, rows], dtype=np.int64, hint="lrp_targets")
 
 

@@ -127,7 +127,8 @@ def test_inputs_are_the_models_own_plus_lrp_target(name):
     assert target.elem_type == TensorProto.INT64
     assert len(target.shape.dim) == 1 and target.shape.dim[0].dim_param, "lrp_target must be 1-D"
     default = {i.name: numpy_helper.to_array(i) for i in lrp.graph.initializer}[TARGET]
-    assert default.dtype == np.int64 and default.tolist() == []  # empty: the arg-max for every row
+    assert default.dtype == np.int64 and default.tolist() == [-1]  # the arg-max for every row (one -1:
+    # OpenVINO folds the default into a constant and takes an empty one for one element)
 
     session = _session(lrp.SerializeToString())
     assert isinstance({i.name: i for i in session.get_inputs()}["input"].shape[0], str)
@@ -160,6 +161,14 @@ def test_fed_target_explains_the_given_class_of_each_sample(name):
     mixed = relevance_of(lrp, x[:2], [-1, 3])  # a negative entry still means "the arg-max"
     np.testing.assert_allclose(mixed[:1], relevance_of(lrp, x[:1]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mixed[1:], together[1:2], rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_target_or_a_single_minus_one_explains_the_arg_max_of_every_row():
+    lrp = compiled("small_cnn")
+    x = batch(lrp, 5)
+    want = relevance_of(lrp, x, [-1] * 5)
+    for target in ([], [-1]):
+        np.testing.assert_allclose(relevance_of(lrp, x, target), want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("length", [1, 3, 7])

@@ -7,8 +7,9 @@ inverted residuals, sigmoid gates) and a ViT (AttnLRP). Each is run at batch 1 a
 the arg-max and with chosen classes, and must agree to 1e-5 relative to onnxruntime.
 
 OpenVINO folds initializers into constants, so an ``lrp_target`` with a default vanishes
-there (the arg-max is all it can explain): files for OpenVINO are compiled with
-``target_input="required"``, which makes the target a plain input every runtime lists.
+there: the default file explains the arg-max (tested), and files that choose targets in
+OpenVINO are compiled with ``target_input="required"``, which makes the target a plain
+input every runtime lists.
 """
 from __future__ import annotations
 
@@ -145,6 +146,20 @@ def test_reference_evaluator_runs_the_optional_target_file(name):
                                           else target})
         got = reference_run(optional, feeds)
         assert relative(got["relevance"], want["relevance"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", ["digits", "resnet18", "mobilenet_v2"])
+def test_openvino_explains_the_arg_max_with_the_default_file(name, batch):
+    """The default file (``lrp_target`` with a default) in OpenVINO, which folds the default
+    into a constant and drops the input: it explains the arg-max, as onnxruntime does."""
+    optional, required = compiled(name, "optional"), compiled(name, "required")
+    x = samples(name, batch)
+    key = input_name(optional)
+    want = onnxruntime_run(required, {key: x, TARGET_NAME: np.full(batch, -1, np.int64)})
+    got = openvino_run(optional, {key: x})
+    assert got["relevance"].shape == want["relevance"].shape
+    assert relative(got["relevance"], want["relevance"]) <= TOLERANCE
 
 
 def test_a_required_target_is_a_plain_input_in_every_runtime():

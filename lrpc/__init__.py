@@ -2,68 +2,89 @@
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
-    CompositeSyntaxError,
-    IncompatibleRuleError,
-    InputError,
-    LrpcError,
-    ModelLoadError,
-    ParameterError,
-    TargetError,
-    UnsupportedModelError,
-)
-from .rules import (  # noqa: E402
-    AlphaBetaRule,
-    ConstantGateRule,
-    LayerNormRule,
-    MergeRule,
-    TaylorRule,
-    EpsilonRule,
-    FlatRule,
-    GammaRule,
-    GeneralizedGammaRule,
-    PassRule,
-    Rule,
-    WSquareRule,
-    ZBoxRule,
-    ZeroRule,
-    ZPlusRule,
-)
-from .composites import (  # noqa: E402
-    AttnLRP,
-    CPLRP,
-    Composite,
-    LayerNormLayer,
-    ConvLayer,
-    DenseLayer,
-    DropoutLayer,
-    EpsilonAlpha2Beta1,
-    EpsilonAlpha2Beta1Flat,
-    EpsilonGammaBox,
-    EpsilonPlus,
-    EpsilonPlusFlat,
-    FirstLayerMap,
-    FirstLayerTypeMap,
-    FirstNTypeMap,
-    GlobalMap,
-    GlobalTypeMap,
-    LastLayerMap,
-    LastLayerTypeMap,
-    LayerMap,
-    MergeLayer,
-    NormalizationLayer,
-    PoolingLayer,
-    RangeMap,
-    RangeTypeMap,
-    ReshapingLayer,
-)
-from .registry import register_activation, register_layer  # noqa: E402
-from .compiler import compile, compile_file, lrp_rules  # noqa: E402
-from .expressions import parse_composite  # noqa: E402
-from .runtime import CRP, LRP, Explanation, analyze  # noqa: E402
-from .crp import IndexedFeatures, TopNFeatures  # noqa: E402
-from .inspection import show_layer_indices  # noqa: E402
-from .heatmap import heatmap, text_heatmap  # noqa: E402
-from .dataset import explain_dataset  # noqa: E402
+# The public names load on first use (PEP 562): ``lrpc -h`` and the commands that need only
+# a part of the package do not pay for onnx, onnx-graphsurgeon, networkx and onnxruntime.
+_EXPORTS = {
+    "CompositeSyntaxError": "errors",
+    "IncompatibleRuleError": "errors",
+    "InputError": "errors",
+    "LrpcError": "errors",
+    "ModelLoadError": "errors",
+    "ParameterError": "errors",
+    "TargetError": "errors",
+    "UnsupportedModelError": "errors",
+    "AlphaBetaRule": "rules",
+    "ConstantGateRule": "rules",
+    "LayerNormRule": "rules",
+    "MergeRule": "rules",
+    "TaylorRule": "rules",
+    "EpsilonRule": "rules",
+    "FlatRule": "rules",
+    "GammaRule": "rules",
+    "GeneralizedGammaRule": "rules",
+    "PassRule": "rules",
+    "Rule": "rules",
+    "WSquareRule": "rules",
+    "ZBoxRule": "rules",
+    "ZeroRule": "rules",
+    "ZPlusRule": "rules",
+    "AttnLRP": "composites",
+    "CPLRP": "composites",
+    "Composite": "composites",
+    "LayerNormLayer": "composites",
+    "ConvLayer": "composites",
+    "DenseLayer": "composites",
+    "DropoutLayer": "composites",
+    "EpsilonAlpha2Beta1": "composites",
+    "EpsilonAlpha2Beta1Flat": "composites",
+    "EpsilonGammaBox": "composites",
+    "EpsilonPlus": "composites",
+    "EpsilonPlusFlat": "composites",
+    "FirstLayerMap": "composites",
+    "FirstLayerTypeMap": "composites",
+    "FirstNTypeMap": "composites",
+    "GlobalMap": "composites",
+    "GlobalTypeMap": "composites",
+    "LastLayerMap": "composites",
+    "LastLayerTypeMap": "composites",
+    "LayerMap": "composites",
+    "MergeLayer": "composites",
+    "NormalizationLayer": "composites",
+    "PoolingLayer": "composites",
+    "RangeMap": "composites",
+    "RangeTypeMap": "composites",
+    "ReshapingLayer": "composites",
+    "register_activation": "registry",
+    "register_layer": "registry",
+    "compile": "compiler",
+    "compile_file": "compiler",
+    "lrp_rules": "compiler",
+    "parse_composite": "expressions",
+    "CRP": "runtime",
+    "LRP": "runtime",
+    "Explanation": "runtime",
+    "analyze": "runtime",
+    "IndexedFeatures": "crp",
+    "TopNFeatures": "crp",
+    "show_layer_indices": "inspection",
+    "heatmap": "heatmap",
+    "text_heatmap": "heatmap",
+    "explain_dataset": "dataset",
+}
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lrpc' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

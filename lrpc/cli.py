@@ -549,15 +549,15 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import files
     from .errors import LrpcError, UnsupportedModelError
-    from .registry import REGISTRY
 
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # -h, --version (0) or a usage error already printed (2)
         return int(exc.code or 0)
+    from . import files  # after the arguments: `lrpc -h` loads neither onnx nor networkx
+    from .registry import REGISTRY
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     registry = dict(REGISTRY)

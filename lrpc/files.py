@@ -54,8 +54,9 @@ def load_model(source) -> onnx.ModelProto:
     if not model.graph.node:
         raise ModelLoadError(f"{label}: not an ONNX model (no graph nodes; empty, truncated or another format)")
     _check_opset(model, label)
-    check(model, label, path)
-    return model
+    sorted_model = _in_topological_order(model)
+    check(sorted_model, label, path if sorted_model is model else None)
+    return sorted_model
 
 
 def check(model: onnx.ModelProto, label: str, path: Path | None = None, full: bool = False) -> None:
@@ -71,6 +72,33 @@ def check(model: onnx.ModelProto, label: str, path: Path | None = None, full: bo
             onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ModelLoadError(f"{label}: invalid ONNX model ({_first_line(exc)})") from None
+
+
+def _in_topological_order(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its nodes in topological order: itself when they are, else a sorted
+    copy. onnxruntime's quantizer and float16 converter write files that are not sorted,
+    which onnxruntime runs and the ONNX checker refuses; the order is only an order. A cycle
+    is left for the checker to report."""
+    from .deployed import toposorted
+    from .errors import LrpcError
+
+    graph = model.graph
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        if any(x not in known for x in node.input):
+            break
+        known.update(node.output)
+    else:
+        return model  # sorted (reads from outer scopes in subgraphs are the checker's business)
+    try:
+        ordered = toposorted(list(graph.node))
+    except LrpcError:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(ordered)
+    return out
 
 
 def _read(path: Path) -> onnx.ModelProto:

@@ -307,6 +307,24 @@ def test_bad_relevance_dtype_is_one_line():
         lrpc.compile(forms("lenet")["qdq"], relevance_dtype="int8", verbose=False)
 
 
+def test_a_file_whose_nodes_are_not_in_topological_order_compiles(tmp_path):
+    """onnxruntime's quantizer and float16 converter write such files; onnxruntime runs them
+    and the ONNX checker refuses them. lrpc sorts its copy (the caller's model stays as it is)."""
+    model = onnx.load_from_string(forms("lenet")["qdq"])
+    reversed_nodes = list(model.graph.node)[::-1]
+    del model.graph.node[:]
+    model.graph.node.extend(reversed_nodes)
+    first = model.graph.node[0].name
+    x = _input("lenet", "qdq", n=2)
+    feed = {model.graph.input[0].name: x}
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(model, path)
+    for source in (model, str(path)):
+        out = _run(lrpc.compile(source, "EpsilonPlus", verbose=False), feed)
+        assert np.array_equal(out[0], _run(model, feed)[0])
+    assert model.graph.node[0].name == first
+
+
 def test_a_deployed_file_whose_own_types_do_not_check_is_refused_in_one_line():
     """onnxconverter-common's float16 ViT keeps ``Cast(to=float)`` after the softmax but
     declares its output float16: onnxruntime does not load the file; lrpc says why (it used to

@@ -29,10 +29,16 @@ def c(name, value):
     return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
 
 
-def between_dense(pattern_nodes, constants, out="a"):
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), *pattern_nodes,
-             helper.make_node("MatMul", [out, "w2"], ["logits"])]
-    model = build(nodes, {"w1": W1, "w2": W2}, (4, 6))
+B1 = rand(5)
+
+
+def between_dense(pattern_nodes, constants, out="a", bias=False):
+    """``x · W1 (+ b1) -> pattern -> · W2``; with ``bias`` the pattern's input is the bias
+    ``Add`` (its operand sums must not reach into it)."""
+    first = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h"])] if bias \
+        else [helper.make_node("MatMul", ["x", "w1"], ["h"])]
+    nodes = [*first, *pattern_nodes, helper.make_node("MatMul", [out, "w2"], ["logits"])]
+    model = build(nodes, {"w1": W1, "w2": W2, **({"b1": B1} if bias else {})}, (4, 6))
     model.graph.initializer.extend(constants)
     return model
 
@@ -70,17 +76,21 @@ PATTERNS = {
 }
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["", "after-bias"])
 @pytest.mark.parametrize("name", sorted(PATTERNS))
-def test_activation_patterns_are_fused(name):
+def test_activation_patterns_are_fused(name, bias):
+    """Also right after a layer's bias ``Add`` (ALBERT's tanh GELU was missed there: the sum
+    inside the pattern took the bias ``Add`` for one of its own terms)."""
     nodes, constants, op, fn = PATTERNS[name]
-    model = between_dense(nodes, constants)
+    model = between_dense(nodes, constants, bias=bias)
     analysis = analyze_model(model, lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(1e-6))))
     fused = [n for n in analysis.program.graph.nodes if n.domain == FUSED_DOMAIN]
     assert [n.op for n in fused] == [op]
-    assert [row.op_type for row in analysis.report.rows] == ["MatMul", op, "MatMul"]
+    assert [row.op_type for row in analysis.report.rows][-2:] == [op, "MatMul"]
     # relevance passes the activation unchanged; the forward pass is the original one
     x = rand(4, 6)
-    check_chain(model, x, [(lambda x: x @ t(W1), "eps"), (fn, "pass"), (lambda a: a @ t(W2), "eps")])
+    first = (lambda x: x @ t(W1) + t(B1)) if bias else (lambda x: x @ t(W1))
+    check_chain(model, x, [(first, "eps"), (fn, "pass"), (lambda a: a @ t(W2), "eps")])
     # the compiled file has the pattern's own nodes back (check_chain compared its outputs)
     compiled = lrpc.compile(model)
     assert all(n.domain in ("", "ai.onnx") for n in compiled.graph.node)

@@ -237,3 +237,10 @@ def test_a_recurrent_layer_is_named_in_the_check_table(cli, tmp_path):
     assert any("LSTM" in r and "recurrent layers (LSTM, GRU, RNN) are not supported" in r for r in rows), result.out
     assert any("CumSum" in r and "unknown layer type" in r for r in rows), result.out
     assert len(result.err_lines) == 1 and "2 unsupported" in result.err
+
+
+def test_albert_tanh_gelu_after_a_bias_add():
+    """ALBERT (optimum's exports of it were refused: `Pow` unknown): its tanh GELU reads the
+    bias ``Add`` of the layer before it, its layers are shared and its embedding factorized."""
+    _check_against_reference("albert", "eager", "legacy", "AttnLRP")
+

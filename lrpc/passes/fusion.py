@@ -63,6 +63,13 @@ class _Pattern:
             return [tensor]
         return [leaf for t in node.inputs for leaf in self.spread(t, op)]
 
+    def operands(self, tensor, op: str) -> list:
+        """The inputs of the ``op`` node producing ``tensor`` (one level; it joins the
+        pattern), or ``[tensor]``: where an operand may itself be a sum or a product that
+        belongs to the input (a GELU's ``x`` is often a layer's bias ``Add``)."""
+        node = self.producer(tensor, op)
+        return [tensor] if node is None else list(node.inputs)
+
     def attempts(self, candidates):
         """Iterate over alternatives; nodes an abandoned alternative visited are dropped."""
         mark = len(self.nodes)
@@ -124,7 +131,7 @@ def _hardswish(p: _Pattern):
             clip = p.producer(rest[0], "Clip")
             if clip is None or len(clip.inputs) < 3 or not (_scalar(clip.inputs[1], 0) and _scalar(clip.inputs[2], 6)):
                 continue
-            terms = p.spread(clip.inputs[0], "Add")
+            terms = p.operands(clip.inputs[0], "Add")
             if len(terms) == 2 and _take(terms, lambda t: _scalar(t, 3)) is not None and terms[0] is x:
                 return "HardSwish", x, {}
     return None
@@ -141,17 +148,17 @@ def _gelu(p: _Pattern):
             continue
         erf = p.producer(terms[0], "Erf")
         if erf is not None:
-            inner = p.spread(erf.inputs[0], "Mul")
+            inner = p.operands(erf.inputs[0], "Mul")
             if len(inner) == 2 and _take(inner, lambda t: _scalar(t, 1 / math.sqrt(2))) is not None and inner[0] is x:
                 return "Gelu", x, {}
             continue
         tanh = p.producer(terms[0], "Tanh")
         if tanh is None:
             continue
-        inner = p.spread(tanh.inputs[0], "Mul")
+        inner = p.operands(tanh.inputs[0], "Mul")
         if len(inner) != 2 or _take(inner, lambda t: _scalar(t, math.sqrt(2 / math.pi))) is None:
             continue
-        cubic = p.spread(inner[0], "Add")
+        cubic = p.operands(inner[0], "Add")
         if len(cubic) != 2 or x not in cubic:
             continue
         other = cubic[1] if cubic[0] is x else cubic[0]

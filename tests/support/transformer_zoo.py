@@ -38,8 +38,9 @@ OPSETS = {"legacy": 17, "dynamo": 18}
 def build(name: str, attn: str = "eager", seed: int = 0) -> torch.nn.Module:
     """The model in eval mode, float32, every parameter drawn from N(0, 0.3²) (LayerNorm
     and RMSNorm scales from 1 + N(0, 0.3²), so activations keep their size)."""
-    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, ViTConfig, ViTForImageClassification)
+    from transformers import (AlbertConfig, AlbertForSequenceClassification, BertConfig,
+                              BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                              ViTConfig, ViTForImageClassification)
 
     torch.manual_seed(seed)
     common = dict(attn_implementation=attn)
@@ -47,6 +48,10 @@ def build(name: str, attn: str = "eager", seed: int = 0) -> torch.nn.Module:
         model = BertForSequenceClassification(BertConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=32, num_labels=3, **common))
+    elif name == "albert":  # not in NAMES: shared layers, a factorized embedding, the tanh GELU after a bias
+        model = AlbertForSequenceClassification(AlbertConfig(
+            vocab_size=VOCAB, embedding_size=16, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=32, num_labels=3, hidden_act="gelu_new", **common))
     elif name == "vit":
         model = ViTForImageClassification(ViTConfig(
             image_size=16, patch_size=4, num_channels=3, hidden_size=HIDDEN, num_hidden_layers=2,

@@ -36,6 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import LrpcError
+from .files import all_graphs, node_reads, toposorted
 
 TWIN_PREFIX = "lrp/twin/"
 MS_DOMAIN = "com.microsoft"
@@ -59,21 +60,10 @@ def is_quantized_op(op: str) -> bool:
 # -- what form a model is in ------------------------------------------------------------
 
 
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
 def deployed_form(model: onnx.ModelProto) -> dict:
     """``{"quantized": bool, "half": bool}``: what makes ``model`` a deployed form."""
     quantized = half = False
-    for graph in _graphs(model.graph):
+    for graph in all_graphs(model.graph):
         quantized = quantized or any(is_quantized_op(n.op_type) for n in graph.node)
         half = half or any(t.data_type in HALF for t in graph.initializer) or any(
             vi.type.tensor_type.elem_type in HALF for vi in [*graph.input, *graph.output, *graph.value_info]) or any(
@@ -103,12 +93,13 @@ def analysis_twin(model: onnx.ModelProto, relevance_dtype: str | None = None) ->
     graph = twin.graph
     _constants_as_initializers(graph)
     inits = {t.name: t for t in graph.initializer}
-    dropped: set[str] = set()  # first outputs of nodes a rewrite took over (an integer product's scaling)
+    state = _Rewriting(graph.node)
     rewritten = []
     for node in graph.node:
         rewrite = _REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx", MS_DOMAIN) else None
-        rewritten.extend(rewrite(node, inits, graph, dropped) if rewrite else [node])
-    rewritten = [n for n in rewritten if not (n.output and n.output[0] in dropped and n.op_type in ("Cast", "Mul"))]
+        rewritten.extend(rewrite(node, inits, graph, state) if rewrite else [node])
+    rewritten = [n for n in rewritten
+                 if not (n.output and n.output[0] in state.dropped and n.op_type in ("Cast", "Mul"))]
     rewritten = _shared_dequantizations(_dequantize_integer_ops(toposorted(rewritten)),
                                         {o.name for o in graph.output})
     rewritten = _float_tables(rewritten, inits, graph)
@@ -116,7 +107,7 @@ def analysis_twin(model: onnx.ModelProto, relevance_dtype: str | None = None) ->
     graph.node.extend(rewritten)
     to_float(graph, relevance_type(relevance_dtype))
     del graph.value_info[:]  # types changed: shape inference redoes them
-    if not any(n.domain == MS_DOMAIN for g in _graphs(graph) for n in g.node):
+    if not any(n.domain == MS_DOMAIN for g in all_graphs(graph) for n in g.node):
         del twin.opset_import[:]
         twin.opset_import.extend([o for o in model.opset_import if o.domain != MS_DOMAIN])
     return twin
@@ -206,6 +197,24 @@ def _float_tables(nodes: list[onnx.NodeProto], inits: dict, graph) -> list[onnx.
     return [replaced.get(id(n), n) for n in nodes if replaced.get(id(n), n) is not None]
 
 
+class _Rewriting:
+    """What the rewrites share: who makes and who reads each tensor of the input graph
+    (indexed once), and the first outputs of nodes a rewrite took over (an integer
+    product's scaling), which are dropped afterwards."""
+
+    def __init__(self, nodes):
+        self.producers = {o: n for n in nodes for o in n.output}
+        self.readers: dict[str, list] = {}
+        for n in nodes:
+            for x in n.input:
+                self.readers.setdefault(x, []).append(n)
+        self.dropped: set[str] = set()
+
+    def only_reader(self, name: str):
+        readers = self.readers.get(name, [])
+        return readers[0] if len(readers) == 1 else None
+
+
 class _Names:
     """Fresh tensor names for the nodes a rewrite adds."""
 
@@ -226,15 +235,22 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: 
     q = q.astype(np.float64)
     s = scale.astype(np.float64)
     z = zero.astype(np.float64) if zero is not None else np.zeros_like(s)
-    if s.size > 1:
+    if block_size and s.size > 1:
         axis = (1 if axis is None else axis) % q.ndim
-        if block_size:
-            s, z = (np.repeat(v, block_size, axis=axis).take(range(q.shape[axis]), axis=axis) for v in (s, z))
-        else:
-            shape = [1] * q.ndim
-            shape[axis] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
+        s, z = (np.repeat(v, block_size, axis=axis).take(range(q.shape[axis]), axis=axis) for v in (s, z))
+    else:
+        s, z = _along(s, axis, q.ndim), _along(z, axis, q.ndim)
     return ((q - z) * s).astype(np.float32)
+
+
+def _along(value: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """A per-axis scale or zero point (1-D, along ``axis``, default 1) shaped to broadcast
+    against a rank-``ndim`` tensor; a per-tensor one as it is."""
+    if value.size <= 1:
+        return value
+    shape = [1] * ndim
+    shape[(1 if axis is None else axis) % ndim] = -1
+    return value.reshape(shape)
 
 
 def _constant(inits: dict, *names: str | None) -> list | None:
@@ -259,7 +275,7 @@ def _weight(names: _Names, graph, inits: dict, x: str, scale: str, zero: str | N
     return [node], out
 
 
-def _dequantized_constant(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+def _dequantized_constant(node: onnx.NodeProto, inits: dict, graph, state) -> list[onnx.NodeProto]:
     """``DequantizeLinear`` of initializers (a QDQ model's weights, biases, constants and
     embedding tables) is a float initializer: rules read it as a weight, constant folding
     and pattern matching see its value, a ``Gather`` from it is an embedding lookup."""
@@ -273,7 +289,7 @@ def _dequantized_constant(node: onnx.NodeProto, inits: dict, graph, dropped) -> 
     return []
 
 
-def _quantized_constant(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+def _quantized_constant(node: onnx.NodeProto, inits: dict, graph, state) -> list[onnx.NodeProto]:
     """``QuantizeLinear`` of an initializer (QDQ models quantize constant operands too, the
     ``0.5`` of a GELU): its integers as an initializer, so the ``DequantizeLinear`` after it
     folds into the constant's float value (round half to even and saturation, as the op)."""
@@ -287,10 +303,7 @@ def _quantized_constant(node: onnx.NodeProto, inits: dict, graph, dropped) -> li
     if zero.dtype not in (np.uint8, np.int8, np.uint16, np.int16):
         return [node]
     info = np.iinfo(zero.dtype)
-    if scale.size > 1:
-        shape = [1] * x.ndim
-        shape[attrs.get("axis", 1) % x.ndim] = -1
-        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    scale, zero = _along(scale, attrs.get("axis", 1), x.ndim), _along(zero, attrs.get("axis", 1), x.ndim)
     q = np.clip(np.rint(x.astype(np.float64) / scale) + zero, info.min, info.max).astype(zero.dtype)
     graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
     inits[node.output[0]] = graph.initializer[-1]
@@ -314,7 +327,7 @@ def _constants_as_initializers(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
 
 
-def _gather_block_quantized(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+def _gather_block_quantized(node: onnx.NodeProto, inits: dict, graph, state) -> list[onnx.NodeProto]:
     """``GatherBlockQuantized(data, indices, scales, zero_points)`` (onnxruntime's contrib op,
     an int4/uint4/uint8 embedding table quantized in blocks along ``quantize_axis``): a
     ``Gather`` from the table dequantized at compile time, an embedding lookup."""
@@ -371,7 +384,7 @@ def _qlinear(float_op: str, *, inputs: int = 1, weight_axis: dict | None = None,
     follow them (``output``: the slot of the output scale), ``bias`` the slot of an int32
     bias quantized with the product of the first two inputs' scales."""
 
-    def rewrite(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+    def rewrite(node: onnx.NodeProto, inits: dict, graph, state) -> list[onnx.NodeProto]:
         names = _Names(node)
         attrs = _attrs(node, drop)
         if _attrs(node).get("channels_last", 0):
@@ -423,15 +436,15 @@ def _integer(float_op: str, weight_axis: int):
     float op of ``DequantizeLinear(x, 1, zero)`` operands (exact: the shifted integers are small
     enough for float32), and the scales multiplied afterwards are constants for relevance."""
 
-    def rewrite(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
-        scaled = _dynamic_scaling(node, inits, graph)
+    def rewrite(node: onnx.NodeProto, inits: dict, graph, state) -> list[onnx.NodeProto]:
+        scaled = _dynamic_scaling(node, inits, state)
         if scaled is not None:
             (x_scale, w_scale), taken = scaled
             names = _Names(node)
             a, out_a = _dq(names, node.input[0], x_scale, _arg(node, 2))
             w_axis = weight_axis if _per_axis(inits, w_scale) else None
             w, out_w = _weight(names, graph, inits, node.input[1], w_scale, _arg(node, 3), w_axis)
-            dropped.update(n.output[0] for n in taken)
+            state.dropped.update(n.output[0] for n in taken)
             return [a, *w, helper.make_node(float_op, [out_a, out_w], [taken[-1].output[0]], name=node.name,
                                            **_attrs(node))]
         names = _Names(node)
@@ -454,18 +467,14 @@ def _integer(float_op: str, weight_axis: int):
     return rewrite
 
 
-def _dynamic_scaling(node: onnx.NodeProto, inits: dict, graph):
+def _dynamic_scaling(node: onnx.NodeProto, inits: dict, state: _Rewriting):
     """``((x_scale, w_scale), [Cast, Mul])`` when ``node``'s int32 output is only cast to
     float and multiplied by ``Mul(x_scale, w_scale)``, x_scale from the DynamicQuantizeLinear
     that quantized its input and w_scale an initializer; else None."""
-    def only_reader(name):
-        readers = [n for n in graph.node if name in n.input]
-        return readers[0] if len(readers) == 1 else None
-
-    producers = {o: n for n in graph.node for o in n.output}
+    producers = state.producers
     quantizer = producers.get(node.input[0])
-    cast = only_reader(node.output[0])
-    mul = only_reader(cast.output[0]) if cast is not None and cast.op_type == "Cast" else None
+    cast = state.only_reader(node.output[0])
+    mul = state.only_reader(cast.output[0]) if cast is not None and cast.op_type == "Cast" else None
     if quantizer is None or quantizer.op_type != "DynamicQuantizeLinear" or mul is None or mul.op_type != "Mul":
         return None
     product = producers.get(next((x for x in mul.input if x != cast.output[0]), ""))
@@ -477,7 +486,7 @@ def _dynamic_scaling(node: onnx.NodeProto, inits: dict, graph):
     return (quantizer.output[1], w_scale), [cast, mul]
 
 
-def _matmul_nbits(node: onnx.NodeProto, inits: dict, graph, dropped) -> list[onnx.NodeProto]:
+def _matmul_nbits(node: onnx.NodeProto, inits: dict, graph, state) -> list[onnx.NodeProto]:
     """``MatMulNBits(A, B, scales, zero_points, g_idx, bias)``: ``A · Wᵀ (+ bias)`` with the
     blocked n-bit weight ``W [N, K]`` dequantized at compile time."""
     attrs = _attrs(node)
@@ -548,7 +557,7 @@ _REWRITES = {
 def to_float(graph: onnx.GraphProto, float_type: int) -> None:
     """Every floating-point tensor of the graph (and its subgraphs) in ``float_type``:
     initializers, Constant values, declared types, Cast targets."""
-    for g in _graphs(graph):
+    for g in all_graphs(graph):
         for i, t in enumerate(g.initializer):
             if t.data_type in FLOATS and t.data_type != float_type:
                 g.initializer[i].CopyFrom(_converted(t, float_type))
@@ -569,41 +578,6 @@ def _converted(t: onnx.TensorProto, float_type: int) -> onnx.TensorProto:
     if float_type == TensorProto.FLOAT16:
         values = values.astype(np.float16)
     return numpy_helper.from_array(values, t.name)
-
-
-def toposorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """``nodes`` in an order where each comes after its inputs' producers (onnxruntime's
-    quantizer and float16 converter write files that are not sorted; subgraph nodes'
-    outer reads count as inputs of the node that holds them)."""
-    produced = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    needs = [{produced[x] for x in _reads(n) if x in produced and produced[x] != i} for i, n in enumerate(nodes)]
-    users: dict[int, list[int]] = {}
-    for i, deps in enumerate(needs):
-        for d in deps:
-            users.setdefault(d, []).append(i)
-    waiting = [len(d) for d in needs]
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    order = []
-    while ready:
-        i = ready.pop(0)
-        order.append(i)
-        for u in users.get(i, []):
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                ready.append(u)
-    if len(order) != len(nodes):
-        raise LrpcError("the graph has a cycle: it cannot be put in topological order")
-    return [nodes[i] for i in order]
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    names = {x for x in node.input if x}
-    for attr in node.attribute:
-        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for sub in _graphs(g):
-                for n in sub.node:
-                    names.update(x for x in n.input if x)
-    return names
 
 
 # -- the compiled file: the deployed forward in front of the twin -------------------------
@@ -753,7 +727,7 @@ def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str 
     added_outputs = [o for o in twin.output if o.name not in deployed_outputs]
     keep = {i.name for i in added_inputs} | {o.name for o in added_outputs} | set(deployed_inputs) | read
     rename = {}
-    for g in _graphs(twin):
+    for g in all_graphs(twin):
         for name in [t.name for t in g.initializer] + [o for n in g.node for o in n.output] + \
                     [vi.name for vi in g.value_info]:
             if name and name not in keep:
@@ -769,7 +743,7 @@ def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str 
         o.name == relevance and o.type.tensor_type.elem_type != relevance_type_out for o in added_outputs)
     if retype:
         rename[relevance] = TWIN_PREFIX + relevance
-    for g in _graphs(twin):
+    for g in all_graphs(twin):
         for node in g.node:
             node.input[:] = [rename.get(x, x) for x in node.input]
             node.output[:] = [rename.get(x, x) for x in node.output]
@@ -833,5 +807,5 @@ def _live(nodes: list[onnx.NodeProto], wanted: set[str]) -> set[str]:
         live.add(name)
         node = producer.get(name)
         if node is not None:
-            stack.extend(_reads(node) | set(node.output))
+            stack.extend(node_reads(node) | set(node.output))
     return live

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -79,9 +80,6 @@ def _in_topological_order(model: onnx.ModelProto) -> onnx.ModelProto:
     copy. onnxruntime's quantizer and float16 converter write files that are not sorted,
     which onnxruntime runs and the ONNX checker refuses; the order is only an order. A cycle
     is left for the checker to report."""
-    from .deployed import toposorted
-    from .errors import LrpcError
-
     graph = model.graph
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     for node in graph.node:
@@ -99,6 +97,54 @@ def _in_topological_order(model: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(ordered)
     return out
+
+
+def all_graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph in it (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from all_graphs(g)
+
+
+def toposorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where each comes after its inputs' producers (onnxruntime's
+    quantizer and float16 converter write files that are not sorted; subgraph nodes'
+    outer reads count as inputs of the node that holds them)."""
+    produced = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    needs = [{produced[x] for x in node_reads(n) if x in produced and produced[x] != i} for i, n in enumerate(nodes)]
+    users: dict[int, list[int]] = {}
+    for i, deps in enumerate(needs):
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    waiting = [len(d) for d in needs]
+    ready = collections.deque(i for i, w in enumerate(waiting) if w == 0)
+    order = []
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        for u in users.get(i, []):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    if len(order) != len(nodes):
+        raise LrpcError("the graph has a cycle: it cannot be put in topological order")
+    return [nodes[i] for i in order]
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors ``node`` reads, its subgraphs' reads from outer scopes included."""
+    names = {x for x in node.input if x}
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for sub in all_graphs(g):
+                for n in sub.node:
+                    names.update(x for x in n.input if x)
+    return names
 
 
 def _read(path: Path) -> onnx.ModelProto:

@@ -35,6 +35,7 @@ import lrpc
 from support import attnlrp_ref, families, onnx_torch, zoo
 from support import transformer_zoo as tz
 from support.export import export_onnx
+from support.runtimes import openvino_run
 from support.quantized_ref import (deployed_parameters, dynamic_int8, qoperator_integers, quantized_relevance,
                                    rounding_margin, weight_only_values)
 from support.zennit_ref import composite, fuse_batchnorm, zennit_relevance
@@ -534,16 +535,6 @@ def test_half_transformer_is_the_same_weights_and_near_the_float_model(name, for
 # -- other runtimes -------------------------------------------------------------------------------
 
 
-def _openvino_run(model: bytes, feeds: dict) -> list:
-    import openvino
-
-    core = openvino.Core()
-    network = core.compile_model(core.read_model(model, b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    request = network.create_infer_request()
-    request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-    return [request.get_tensor(o).data.copy() for o in network.outputs]
-
-
 @pytest.mark.parametrize("form", ("qdq", "dynamic") + HALF)
 @pytest.mark.parametrize("name", ["lenet", "resnet"])
 def test_openvino_runs_the_compiled_deployed_file(name, form):
@@ -559,7 +550,8 @@ def test_openvino_runs_the_compiled_deployed_file(name, form):
     compiled = lrpc.compile(model, "EpsilonPlus", verbose=False, target_input="required").SerializeToString()
     feeds = {**_feed(model, x), "lrp_target": np.full(3, -1, np.int64)}
     want = _run(compiled, feeds)
-    got = _openvino_run(compiled, feeds)
+    got = list(openvino_run(compiled, feeds).values())
     if form != "qdq":
-        assert _relative(got[0], _openvino_run(model, _feed(model, x))[0]) < 1e-6  # the deployed forward
+        deployed = list(openvino_run(model, _feed(model, x)).values())[0]
+        assert _relative(got[0], deployed) < 1e-6  # the deployed forward
     assert _relative(got[1], want[1]) < 1e-3

@@ -25,6 +25,7 @@ from onnx.reference import ReferenceEvaluator
 import lrpc
 from lrpc.emit import TARGET_NAME
 from support import families, transformer_zoo
+from support.runtimes import openvino_run
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 MODELS = ("digits", "matmul_mlp", "resnet18", "mobilenet_v2", "vit")
@@ -79,16 +80,6 @@ def onnxruntime_run(model: bytes, feeds: dict) -> dict:
 def reference_run(model: bytes, feeds: dict) -> dict:
     evaluator = ReferenceEvaluator(onnx.load_from_string(model))
     return dict(zip(evaluator.output_names, evaluator.run(None, feeds)))
-
-
-def openvino_run(model: bytes, feeds: dict) -> dict:
-    ov = pytest.importorskip("openvino")  # a dev dependency: present whenever make test runs
-    core = ov.Core()
-    # full float32 arithmetic: on CPUs with bf16 units OpenVINO would otherwise lower precision
-    network = core.compile_model(core.read_model(model, b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    request = network.create_infer_request()
-    request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
-    return {out.get_any_name(): request.get_tensor(out).data.copy() for out in network.outputs}
 
 
 RUNTIMES = {"reference": reference_run, "openvino": openvino_run}

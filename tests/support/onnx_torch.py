@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
 from .attnlrp_ref import gradient_relevance, identity
+from .quantized_ref import INTEGER_RANGES
 
-_BOUNDS = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 _TORCH_TYPES = {onnx.TensorProto.FLOAT: torch.float64, onnx.TensorProto.DOUBLE: torch.float64,
                 onnx.TensorProto.FLOAT16: torch.float64, onnx.TensorProto.INT64: torch.int64,
                 onnx.TensorProto.INT32: torch.int64, onnx.TensorProto.BOOL: torch.bool}
@@ -101,7 +101,7 @@ class Graph:
 
 def _quantize(x, scale, zero, dtype, given=None) -> torch.Tensor:
     """The rounding of ``x`` (identity rule); ``given``: the integers it rounds to."""
-    lo, hi = _BOUNDS[np.dtype(dtype)]
+    lo, hi = INTEGER_RANGES[np.dtype(dtype)]
     s, z = scale.to(x.dtype), torch.as_tensor(zero).to(x.dtype)
     if given is not None:
         q = torch.from_numpy(given.astype(np.float64)).to(x.dtype)

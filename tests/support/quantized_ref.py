@@ -29,7 +29,7 @@ from torch import nn
 
 from .zennit_ref import import_zennit
 
-_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+INTEGER_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 
 
 def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
@@ -49,6 +49,15 @@ def _fake_quant(x: torch.Tensor, scale, zero, bounds, margins: list | None = Non
         margins.append(float((steps - torch.floor(steps) - 0.5).abs().min()))
     q = torch.clamp(torch.round(steps) + zero, lo, hi)
     return x + ((q - zero) * scale - x).detach()
+
+
+def _loaded(module: nn.Module, weight: np.ndarray, bias: np.ndarray | None) -> nn.Module:
+    """``module`` with ``weight`` (and ``bias``) copied in."""
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+        if bias is not None:
+            module.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
+    return module
 
 
 def _attrs(node) -> dict:
@@ -92,19 +101,11 @@ class QuantizedNet(nn.Module):
         conv = nn.Conv2d(weight.shape[1] * a.get("group", 1), weight.shape[0], weight.shape[2:],
                          stride=a.get("strides", 1), padding=tuple(pads[:2]), dilation=a.get("dilations", 1),
                          groups=a.get("group", 1), bias=bias is not None)
-        with torch.no_grad():
-            conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
-            if bias is not None:
-                conv.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
-        return conv
+        return _loaded(conv, weight, bias)
 
     def _linear(self, weight_out_in, bias):
         linear = nn.Linear(weight_out_in.shape[1], weight_out_in.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight_out_in)))
-            if bias is not None:
-                linear.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
-        return linear
+        return _loaded(linear, weight_out_in, bias)
 
     def _module(self, node, build):
         key = self._key(node)
@@ -151,7 +152,7 @@ class QuantizedNet(nn.Module):
                 y = value(ins[0]) + ((q - zero) * scale - value(ins[0])).detach()
             elif op == "QuantizeLinear":
                 zero = self.consts[ins[2]]
-                y = _fake_quant(value(ins[0]), float(self.consts[ins[1]]), float(zero), _RANGES[zero.dtype],
+                y = _fake_quant(value(ins[0]), float(self.consts[ins[1]]), float(zero), INTEGER_RANGES[zero.dtype],
                                 self.margins)
             elif op == "DequantizeLinear":
                 y = value(ins[0])  # already the dequantized value (see QuantizeLinear)

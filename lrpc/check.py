@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .contrib import WHY_FUSED, is_fused_op
 from .deployed import is_quantized_op
 from .errors import UnsupportedModelError
 from .graph import Program, static_shape
@@ -88,6 +89,10 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
             elif node.domain == "ai.onnx.ml":
                 reason = f"LRP explains neural networks; {node.op} (ai.onnx.ml) is not a neural-network layer"
                 kind = NOT_A_NETWORK
+            elif (is_fused_op(node.domain) and not is_quantized_op(node.op)) or WHY_FUSED in node.attrs:
+                why = node.attrs.get(WHY_FUSED)
+                reason = f"{node.domain or 'ai.onnx'}.{node.op}: fused op without a rule" + (f" ({why})" if why else "")
+                kind = "fused"
             elif is_quantized_op(node.op):
                 reason = f"{node.op}: quantized op without a rule"
                 kind = "quantized"

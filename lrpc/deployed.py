@@ -18,7 +18,9 @@ The compiled file of such a model holds two copies of its forward pass:
   roundings of a QOperator twin read the deployed run's integers
   (:func:`deployed_roundings`), those of QDQ and dynamic twins are the float arithmetic the
   ops define (:func:`defined_roundings`): reading a QDQ group's tensors would stop
-  onnxruntime fusing it.
+  onnxruntime fusing it. onnxruntime's fused ops (``Attention``, ``SkipLayerNormalization``,
+  ``FusedConv``, ...) are written out in the standard ops they stand for
+  (:mod:`lrpc.contrib`).
 
 The whole pipeline (canonize, check, rules, emit) runs on the twin as on any float model;
 :func:`stitch` then renames the twin's tensors apart (``lrp/twin/...``: runtimes would
@@ -35,8 +37,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import contrib
 from .errors import LrpcError
-from .files import all_graphs, node_reads, toposorted
+from .files import all_graphs, node_reads, runtime_default_domain_ops, toposorted
 
 TWIN_PREFIX = "lrp/twin/"
 MS_DOMAIN = "com.microsoft"
@@ -61,19 +64,22 @@ def is_quantized_op(op: str) -> bool:
 
 
 def deployed_form(model: onnx.ModelProto) -> dict:
-    """``{"quantized": bool, "half": bool}``: what makes ``model`` a deployed form."""
+    """``{"quantized": bool, "half": bool, "fused": bool}``: what makes ``model`` a deployed
+    form (``fused``: onnxruntime's contrib ops, :mod:`lrpc.contrib`)."""
     quantized = half = False
+    fused = bool(runtime_default_domain_ops(model))
     for graph in all_graphs(model.graph):
+        fused = fused or any(contrib.is_fused_op(n.domain) and not is_quantized_op(n.op_type) for n in graph.node)
         quantized = quantized or any(is_quantized_op(n.op_type) for n in graph.node)
         half = half or any(t.data_type in HALF for t in graph.initializer) or any(
             vi.type.tensor_type.elem_type in HALF for vi in [*graph.input, *graph.output, *graph.value_info]) or any(
             n.op_type == "Cast" and any(a.name == "to" and a.i in HALF for a in n.attribute) for n in graph.node)
-    return {"quantized": quantized, "half": half}
+    return {"quantized": quantized, "half": half, "fused": fused}
 
 
 def needs_twin(model: onnx.ModelProto, relevance_dtype: str | None) -> bool:
     form = deployed_form(model)
-    return form["quantized"] or form["half"] or relevance_dtype not in (None, "float32")
+    return form["quantized"] or form["half"] or form["fused"] or relevance_dtype not in (None, "float32")
 
 
 def relevance_type(relevance_dtype: str | None) -> int:
@@ -94,8 +100,15 @@ def analysis_twin(model: onnx.ModelProto, relevance_dtype: str | None = None) ->
     _constants_as_initializers(graph)
     inits = {t.name: t for t in graph.initializer}
     state = _Rewriting(graph.node)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    runtime_ops = runtime_default_domain_ops(model)
+    shapes = contrib.static_shapes(model) if deployed_form(model)["fused"] else {}
     rewritten = []
     for node in graph.node:
+        written_out = contrib.write_out(node, graph, inits, opset, shapes, runtime_ops)
+        if written_out is not None:
+            rewritten.extend(written_out)
+            continue
         rewrite = _REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx", MS_DOMAIN) else None
         rewritten.extend(rewrite(node, inits, graph, state) if rewrite else [node])
     rewritten = [n for n in rewritten

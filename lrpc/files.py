@@ -62,7 +62,13 @@ def load_model(source) -> onnx.ModelProto:
 
 def check(model: onnx.ModelProto, label: str, path: Path | None = None, full: bool = False) -> None:
     """The ONNX checker, on the file when there is one (onnx reads files of any size
-    itself), else on the message (without its large weights beyond the protobuf limit)."""
+    itself), else on the message (without its large weights beyond the protobuf limit).
+    Ops onnxruntime registers in the default domain (``SimplifiedLayerNormalization``,
+    ``LayerNormalization`` before opset 17), which its optimizer and onnxruntime-genai's
+    builder write, are checked against onnxruntime's schemas instead of onnx's."""
+    contrib = runtime_default_domain_ops(model)
+    if contrib:
+        model, path = _contrib_ops_set_aside(model, contrib), None
     try:
         if path is not None:
             onnx.checker.check_model(str(path), full_check=full)
@@ -73,6 +79,49 @@ def check(model: onnx.ModelProto, label: str, path: Path | None = None, full: bo
             onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ModelLoadError(f"{label}: invalid ONNX model ({_first_line(exc)})") from None
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def runtime_default_domain_ops(model: onnx.ModelProto) -> set[str]:
+    """Op types of ``model``'s default-domain nodes that onnx does not define at the model's
+    opset and onnxruntime does (its contrib ops registered in the default domain)."""
+    opset = _opset(model)
+    unknown = set()
+    for graph in all_graphs(model.graph):
+        for node in graph.node:
+            if node.domain in ("", "ai.onnx") and node.op_type not in unknown:
+                try:
+                    onnx.defs.get_schema(node.op_type, opset, "")
+                except onnx.defs.SchemaError:
+                    unknown.add(node.op_type)
+    return unknown & _runtime_default_domain_schemas(opset) if unknown else set()
+
+
+def _runtime_default_domain_schemas(opset: int) -> set[str]:
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    except ImportError:  # no onnxruntime: onnx's schemas are all there is
+        return set()
+    return {s.name for s in get_all_operator_schema() if s.domain == "" and s.since_version <= opset}
+
+
+#: where :func:`check` puts onnxruntime's default-domain ops for onnx's checker, which
+#: validates everything else and takes a domain it has no schemas for as opaque
+RUNTIME_CHECK_DOMAIN = "ai.onnxruntime.default"
+
+
+def _contrib_ops_set_aside(model: onnx.ModelProto, ops: set[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for graph in all_graphs(out.graph):
+        for node in graph.node:
+            if node.domain in ("", "ai.onnx") and node.op_type in ops:
+                node.domain = RUNTIME_CHECK_DOMAIN
+    out.opset_import.append(helper.make_opsetid(RUNTIME_CHECK_DOMAIN, 1))
+    return out
 
 
 def _in_topological_order(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,0 +1,570 @@
+"""onnxruntime's fused ops written out in standard ops, for the analysis twin.
+
+onnxruntime's transformer optimizer, its graph optimizer (files saved at the ``extended``
+level) and onnxruntime-genai's builder fuse subgraphs into contrib ops of the
+``com.microsoft`` domain (``Attention``, ``SkipLayerNormalization``, ``FusedConv``, ...) and
+a few it registers in the default domain (``SimplifiedLayerNormalization``). Each is a
+composition of standard ops with documented math (onnxruntime's ``ContribOperators.md``).
+For relevance the composition is what counts: the softmax inside ``Attention`` is where
+AttnLRP and CP-LRP act, the LayerNorm inside ``SkipLayerNormalization`` is a LayerNorm.
+
+So each fused node of the deployed file becomes, in the analysis twin
+(:mod:`lrpc.deployed`), the standard ops it stands for, spelled as exporters spell them:
+LayerNorm as ``LayerNormalization`` (its primitives below opset 17), RMSNorm, GELU and
+SiLU as their primitive ops (which :mod:`lrpc.passes.fusion` fuses back into one
+activation or normalization), attention as MatMul → scale → mask → Softmax → MatMul over
+heads, a fused QKV weight as three weights. Every rule then applies as to the exporter's
+file. The compiled file runs the deployed forward, fused kernels included, for the
+model's outputs; only the relevance pass reads the written-out twin.
+
+A variant not written out here (``Attention`` with ``do_rotary``, a 2B mask index, ...)
+stays fused in the twin, and the check names it: ``com.microsoft.Attention: fused op
+without a rule (...)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+
+#: onnxruntime's default value added to masked attention scores (``mask_filter_value``)
+MASK_FILTER_VALUE = -10000.0
+
+
+class Unsupported(Exception):
+    """A variant of a fused op that is not written out (the reason names it)."""
+
+
+class _Writer:
+    """Nodes and constants of one decomposition, with fresh names under the node's own."""
+
+    def __init__(self, node: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, opset: int, shapes: dict):
+        self.node, self.graph, self.inits, self.opset, self.shapes = node, graph, inits, opset, shapes
+        self.base = (node.name or node.output[0]) + "/lrp_parts"
+        self.nodes: list[onnx.NodeProto] = []
+        self.count = 0
+
+    def fresh(self, what: str) -> str:
+        self.count += 1
+        return f"{self.base}/{what}_{self.count}"
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        out = out or self.fresh(op_type)
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def const(self, value, dtype=np.float32) -> str:
+        name = self.fresh("c")
+        tensor = numpy_helper.from_array(np.asarray(value, dtype), name)
+        self.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    def ints(self, *values: int) -> str:
+        return self.const(list(values), np.int64)
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The constant value of ``name`` when it is an initializer."""
+        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+
+    def weight(self, value: np.ndarray) -> str:
+        name = self.fresh("weight")
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        self.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    # -- spellings exporters use (what the fusion passes and the specs know) -------------
+
+    def reduce_mean(self, x: str, axes: list[int]) -> str:
+        if self.opset >= 18:
+            return self.op("ReduceMean", x, self.ints(*axes), keepdims=1)
+        return self.op("ReduceMean", x, axes=axes, keepdims=1)
+
+    def layer_norm(self, x: str, gamma: str, beta: str | None, epsilon: float, axis: int = -1,
+                   out: str | None = None) -> str:
+        if self.opset >= 17:
+            return self.op("LayerNormalization", *([x, gamma, beta] if beta else [x, gamma]), out=out, axis=axis,
+                           epsilon=epsilon)
+        if axis != -1:
+            raise Unsupported(f"axis {axis} below opset 17")
+        centred = self.op("Sub", x, self.reduce_mean(x, [-1]))
+        variance = self.reduce_mean(self.op("Pow", centred, self.const(2.0)), [-1])
+        normed = self.op("Div", centred, self.op("Sqrt", self.op("Add", variance, self.const(epsilon))))
+        if beta is None:
+            return self.op("Mul", normed, gamma, out=out)
+        return self.op("Add", self.op("Mul", normed, gamma), beta, out=out)
+
+    def rms_norm(self, x: str, gamma: str, epsilon: float, axis: int = -1, out: str | None = None) -> str:
+        """``x · 1/√(mean(x²) + ε) · γ`` over the axes from ``axis`` on (onnxruntime's
+        SimplifiedLayerNormalization; the spelling of Hugging Face's RMSNorm)."""
+        if axis != -1:
+            rank = self.rank(x)
+            axes = list(range(axis % rank, rank))
+        else:
+            axes = [-1]
+        mean_square = self.reduce_mean(self.op("Pow", x, self.const(2.0)), axes)
+        inverse = self.op("Reciprocal", self.op("Sqrt", self.op("Add", mean_square, self.const(epsilon))))
+        return self.op("Mul", self.op("Mul", x, inverse), gamma, out=out)
+
+    def gelu(self, x: str, out: str | None = None) -> str:
+        """``x · ½ · (1 + erf(x/√2))``."""
+        erf = self.op("Erf", self.op("Div", x, self.const(math.sqrt(2.0))))
+        return self.op("Mul", self.op("Mul", x, self.op("Add", erf, self.const(1.0))), self.const(0.5), out=out)
+
+    def tanh_gelu(self, x: str, out: str | None = None) -> str:
+        """``½ · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))``."""
+        cube = self.op("Mul", self.op("Pow", x, self.const(3.0)), self.const(0.044715))
+        inner = self.op("Mul", self.op("Add", x, cube), self.const(math.sqrt(2.0 / math.pi)))
+        one_plus = self.op("Add", self.op("Tanh", inner), self.const(1.0))
+        return self.op("Mul", self.op("Mul", self.const(0.5), x), one_plus, out=out)
+
+    def add(self, x: str, *terms: str | None, out: str | None = None) -> str:
+        """``x`` plus the present ``terms``, left to right (``out`` names the last sum)."""
+        present = [t for t in terms if t]
+        if not present:
+            return self.op("Identity", x, out=out) if out else x
+        for i, t in enumerate(present):
+            x = self.op("Add", x, t, out=out if i == len(present) - 1 else None)
+        return x
+
+    def last_slice(self, x: str, start: int, end: int) -> str:
+        return self.op("Slice", x, self.ints(start), self.ints(end), self.ints(-1))
+
+    def shape(self, name: str) -> list:
+        """``name``'s dims (ints, symbolic names, or None) from the deployed file's shapes."""
+        if name in self.inits:
+            return list(self.inits[name].dims)
+        if name not in self.shapes:
+            raise Unsupported(f"the rank of {name!r} is unknown")
+        return self.shapes[name]
+
+    def rank(self, name: str) -> int:
+        return len(self.shape(name))
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _arg(node: onnx.NodeProto, i: int) -> str | None:
+    return node.input[i] if len(node.input) > i and node.input[i] else None
+
+
+def _out(node: onnx.NodeProto, i: int) -> str | None:
+    return node.output[i] if len(node.output) > i and node.output[i] else None
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- normalizations ---------------------------------------------------------------------
+
+
+def _skip_layer_norm(simplified: bool):
+    """``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization``: the norm of
+    ``input + bias + skip`` (the bias is the MatMul's before it: added first, it joins that
+    layer); outputs 1 and 2 (mean, 1/σ) are not written out, output 3 is the sum."""
+
+    def write(w: _Writer, node: onnx.NodeProto) -> None:
+        if _out(node, 1) or _out(node, 2):
+            raise Unsupported("its mean and inverse-σ outputs are read")
+        a = _attrs(node)
+        gamma = node.input[2]
+        beta, bias = (None, _arg(node, 3)) if simplified else (_arg(node, 3), _arg(node, 4))
+        total = w.add(node.input[0], bias, node.input[1], out=_out(node, 3))
+        eps = float(a.get("epsilon", 1e-12 if not simplified else 1e-6))
+        if simplified:
+            w.rms_norm(total, gamma, eps, out=node.output[0])
+        else:
+            w.layer_norm(total, gamma, beta, eps, out=node.output[0])
+
+    return write
+
+
+def _simplified_layer_norm(w: _Writer, node: onnx.NodeProto) -> None:
+    if _out(node, 1):
+        raise Unsupported("its inverse-rms output is read")
+    a = _attrs(node)
+    w.rms_norm(node.input[0], node.input[1], float(a.get("epsilon", 1e-5)), int(a.get("axis", -1)),
+               out=node.output[0])
+
+
+def _contrib_layer_norm(w: _Writer, node: onnx.NodeProto) -> None:
+    """onnxruntime's default-domain ``LayerNormalization`` of opsets before 17."""
+    if _out(node, 1) or _out(node, 2):
+        raise Unsupported("its mean and inverse-σ outputs are read")
+    a = _attrs(node)
+    w.layer_norm(node.input[0], node.input[1], _arg(node, 2), float(a.get("epsilon", 1e-5)),
+                 int(a.get("axis", -1)), out=node.output[0])
+
+
+def _embed_layer_norm(w: _Writer, node: onnx.NodeProto) -> None:
+    """``LayerNorm(word[ids] + position[position_ids or 0..S-1] + segment[segment_ids])``;
+    the mask index is the mask's row sums (int32), the embedding sum output 2."""
+    a = _attrs(node)
+    ids, segments, words, positions, segment_table = (_arg(node, i) for i in range(5))
+    gamma, beta, mask, position_ids = node.input[5], node.input[6], _arg(node, 7), _arg(node, 8)
+    word = w.op("Gather", words, ids)
+    if position_ids is None:
+        length = w.op("Gather", w.op("Shape", ids), w.const(1, np.int64), axis=0)
+        position_ids = w.op("Range", w.const(0, np.int64), length, w.const(1, np.int64))
+    terms = [w.op("Gather", positions, position_ids)]
+    if segments and segment_table:
+        terms.append(w.op("Gather", segment_table, segments))
+    total = w.add(word, *terms, out=_out(node, 2))
+    w.layer_norm(total, gamma, beta, float(a.get("epsilon", 1e-12)), out=node.output[0])
+    if _out(node, 1):
+        if mask is not None:
+            rows = w.op("ReduceSum", w.op("Cast", mask, to=TensorProto.INT32), w.ints(1), keepdims=0)
+            w.op("Identity", rows, out=node.output[1])
+        else:  # the kernel's mask index without a mask: zeros
+            batch = w.op("Slice", w.op("Shape", ids), w.ints(0), w.ints(1))
+            w.op("ConstantOfShape", batch, out=node.output[1],
+                 value=numpy_helper.from_array(np.zeros(1, np.int32)))
+
+
+# -- activations ------------------------------------------------------------------------
+
+
+def _bias_gelu(tanh: bool):
+    def write(w: _Writer, node: onnx.NodeProto) -> None:
+        x = w.add(node.input[0], _arg(node, 1))
+        (w.tanh_gelu if tanh else w.gelu)(x, out=node.output[0])
+
+    return write
+
+
+def _quick_gelu(w: _Writer, node: onnx.NodeProto) -> None:
+    """``x · sigmoid(α·x)`` (α = 1: SiLU)."""
+    alpha = float(_attrs(node).get("alpha", 1.702))
+    x = node.input[0]
+    scaled = x if alpha == 1.0 else w.op("Mul", x, w.const(alpha))
+    w.op("Mul", x, w.op("Sigmoid", scaled), out=node.output[0])
+
+
+def _bias_add(w: _Writer, node: onnx.NodeProto) -> None:
+    w.add(node.input[0], node.input[1], node.input[2], out=node.output[0])
+
+
+def _bias_split_gelu(w: _Writer, node: onnx.NodeProto) -> None:
+    """``(x + bias)`` split in halves on the last axis: ``left · gelu(right)``."""
+    bias = w.value(node.input[1])
+    if bias is None:
+        raise Unsupported("its bias is not a constant")
+    half = bias.shape[-1] // 2
+    total = w.add(node.input[0], node.input[1])
+    left, right = w.last_slice(total, 0, half), w.last_slice(total, half, 2 * half)
+    w.op("Mul", left, w.gelu(right), out=node.output[0])
+
+
+#: FusedConv / FusedGemm's ``activation`` names: op and attributes from its parameters
+def _activation(w: _Writer, x: str, name: str, params: list[float], out: str) -> str:
+    if name in ("Relu", "Tanh", "Sigmoid"):
+        return w.op(name, x, out=out)
+    if name == "LeakyRelu":
+        return w.op("LeakyRelu", x, out=out, alpha=params[0] if params else 0.01)
+    if name == "HardSigmoid":
+        alpha, beta = (params + [0.2, 0.5][len(params):])[:2]
+        return w.op("HardSigmoid", x, out=out, alpha=alpha, beta=beta)
+    if name == "Clip":
+        low, high = (params + [-np.inf, np.inf][len(params):])[:2]
+        return w.op("Clip", x, w.const(low), w.const(high), out=out)
+    raise Unsupported(f"activation {name!r}")
+
+
+_CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+_GEMM_ATTRS = ("alpha", "beta", "transA", "transB")
+
+
+def _fused_conv(w: _Writer, node: onnx.NodeProto) -> None:
+    """``activation(Conv(X, W, B) + Z)``."""
+    a = _attrs(node)
+    name = _text(a.get("activation", ""))
+    inputs = [x or "" for x in node.input[:3]]
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    y = w.op("Conv", *inputs, **{k: a[k] for k in _CONV_ATTRS if k in a})
+    y = w.add(y, _arg(node, 3))
+    if name:
+        _activation(w, y, name, list(a.get("activation_params", [])), node.output[0])
+    else:
+        w.op("Identity", y, out=node.output[0])
+
+
+def _fused_gemm(w: _Writer, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    name = _text(a.get("activation", ""))
+    y = w.op("Gemm", *[x for x in node.input], **{k: a[k] for k in _GEMM_ATTRS if k in a})
+    params = [a[k] for k in ("activation_alpha", "activation_beta") if k in a]
+    if name:
+        _activation(w, y, name, params, node.output[0])
+    else:
+        w.op("Identity", y, out=node.output[0])
+
+
+def _fused_matmul(w: _Writer, node: onnx.NodeProto) -> None:
+    """``alpha · op(A) · op(B)`` with op a transpose of the last two axes."""
+    a = _attrs(node)
+    if a.get("transBatchA", 0) or a.get("transBatchB", 0):
+        raise Unsupported("transBatchA / transBatchB")
+    operands = []
+    for x, flag in ((node.input[0], a.get("transA", 0)), (node.input[1], a.get("transB", 0))):
+        if flag:
+            value = w.value(x)
+            if value is not None:
+                x = w.weight(np.swapaxes(value, -1, -2))
+            else:
+                rank = w.rank(x)
+                x = w.op("Transpose", x, perm=[*range(rank - 2), rank - 1, rank - 2])
+        operands.append(x)
+    alpha = float(a.get("alpha", 1.0))
+    if alpha == 1.0:
+        w.op("MatMul", *operands, out=node.output[0])
+    else:
+        w.op("Mul", w.op("MatMul", *operands), w.const(alpha), out=node.output[0])
+
+
+# -- attention --------------------------------------------------------------------------
+
+
+def _heads(w: _Writer, x: str, heads: int) -> str:
+    """``[B, S, heads·h]`` → ``[B, heads, S, h]``."""
+    return w.op("Transpose", w.op("Reshape", x, w.ints(0, 0, heads, -1)), perm=[0, 2, 1, 3])
+
+
+def _repeat_heads(w: _Writer, kv: str, groups: int) -> str:
+    """Grouped-query attention: each key/value head serves ``groups`` query heads
+    (``[B, Nk, T, h]`` → ``[B, Nk·groups, T, h]``, as Hugging Face's ``repeat_kv``)."""
+    if groups == 1:
+        return kv
+    shape = w.op("Shape", kv)
+    batch_heads, length_size = w.op("Slice", shape, w.ints(0), w.ints(2)), w.op("Slice", shape, w.ints(2), w.ints(4))
+    expanded = w.op("Expand", w.op("Unsqueeze", kv, w.ints(2)),
+                    w.op("Concat", batch_heads, w.ints(groups), length_size, axis=0))
+    return w.op("Reshape", expanded,
+                w.op("Concat", w.op("Slice", shape, w.ints(0), w.ints(1)), w.ints(-1), length_size, axis=0))
+
+
+def _attend(w: _Writer, q: str, k: str, v: str, *, scale: float, bias: str | None, out: str,
+            softcap: float = 0.0) -> str:
+    """``softmax(q·kᵀ·scale (+ bias)) · v`` on ``[B, N, S, h]`` heads, back to ``[B, S, N·h]``."""
+    scores = w.op("Mul", w.op("MatMul", q, w.op("Transpose", k, perm=[0, 1, 3, 2])), w.const(scale))
+    if softcap:
+        scores = w.op("Mul", w.op("Tanh", w.op("Div", scores, w.const(softcap))), w.const(softcap))
+    scores = w.add(scores, bias)
+    context = w.op("MatMul", w.op("Softmax", scores, axis=-1), v)
+    return w.op("Reshape", w.op("Transpose", context, perm=[0, 2, 1, 3]), w.ints(0, 0, -1), out=out)
+
+
+def _where_kept(w: _Writer, keep: str, filter_value: float) -> str:
+    """The additive score bias of a boolean keep mask: 0 where kept, ``filter_value`` not."""
+    return w.op("Where", keep, w.const(0.0), w.const(filter_value))
+
+
+def _causal_keep(w: _Writer, queries: str, keys: str) -> str:
+    """``[S, T]`` booleans: key ``t`` is visible from query ``s`` when ``t ≤ s + T − S``."""
+    s = w.op("Range", w.const(0, np.int64), queries, w.const(1, np.int64))
+    t = w.op("Range", w.const(0, np.int64), keys, w.const(1, np.int64))
+    shifted = w.op("Add", w.op("Unsqueeze", s, w.ints(1)), w.op("Sub", keys, queries))
+    return w.op("LessOrEqual", w.op("Unsqueeze", t, w.ints(0)), shifted)
+
+
+def _length(w: _Writer, x: str, axis: int) -> str:
+    return w.op("Gather", w.op("Shape", x), w.const(axis, np.int64), axis=0)
+
+
+def _mask_keep(w: _Writer, mask: str, keys: str, what: str, x: str) -> str:
+    """Booleans broadcasting to ``[B, N, S, T]`` from a mask index: ``[B]`` end positions,
+    ``[B, T]`` or ``[B, S, T]`` raw 0/1 masks."""
+    rank = w.rank(mask)
+    if rank == 1:
+        batch = w.shape(mask)[0]
+        if batch is None or batch != w.shape(x)[0]:  # [2·batch]: end and start positions
+            raise Unsupported(f"a {what} that is not [batch] end positions")
+        t = w.op("Range", w.const(0, np.int64), keys, w.const(1, np.int64))
+        ends = w.op("Cast", mask, to=TensorProto.INT64)
+        keep = w.op("Less", w.op("Unsqueeze", t, w.ints(0)), w.op("Unsqueeze", ends, w.ints(1)))
+        return w.op("Unsqueeze", keep, w.ints(1, 2))
+    if rank in (2, 3):
+        keep = w.op("Greater", w.op("Cast", mask, to=TensorProto.FLOAT), w.const(0.0))
+        return w.op("Unsqueeze", keep, w.ints(1, 2) if rank == 2 else w.ints(1))
+    raise Unsupported(f"a rank-{rank} {what}")
+
+
+def _attention(w: _Writer, node: onnx.NodeProto) -> None:
+    """``com.microsoft.Attention``: one QKV projection, multi-head attention, an optional
+    mask index (end positions or raw 0/1 masks), causal with ``unidirectional``."""
+    a = _attrs(node)
+    if a.get("do_rotary", 0) or a.get("past_present_share_buffer", 0):
+        raise Unsupported("do_rotary / past_present_share_buffer")
+    if _arg(node, 4) or _out(node, 1) or _arg(node, 6):
+        raise Unsupported("a past state")
+    heads = int(a["num_heads"])
+    x, weights, bias = node.input[0], node.input[1], _arg(node, 2)
+    w_value = w.value(weights)
+    total = w_value.shape[-1] if w_value is not None else None
+    sizes = list(a.get("qkv_hidden_sizes", []))
+    if not sizes:
+        if total is None:
+            raise Unsupported("its QKV weight is not a constant")
+        sizes = [total // 3] * 3
+    b_value = w.value(bias) if bias else None
+    if w_value is None or (bias and b_value is None):
+        raise Unsupported("its QKV weight is not a constant")
+    # one projection per Q, K, V, as exporters write them (each a layer of its own)
+    projections, start = [], 0
+    for size in sizes:
+        y = w.op("MatMul", x, w.weight(w_value[:, start:start + size]))
+        if b_value is not None:
+            y = w.op("Add", y, w.weight(b_value[start:start + size]))
+        projections.append(y)
+        start += size
+    q, k, v = (_heads(w, p, heads) for p in projections)
+    scale = float(a.get("scale", 0.0)) or 1.0 / math.sqrt(sizes[0] // heads)
+    biases = []
+    mask, extra = _arg(node, 3), _arg(node, 5)
+    filter_value = float(a.get("mask_filter_value", MASK_FILTER_VALUE))
+    keys = _length(w, x, 1)
+    keep = _mask_keep(w, mask, keys, "mask index", x) if mask else None
+    if a.get("unidirectional", 0):
+        causal = _causal_keep(w, keys, keys)
+        keep = causal if keep is None else w.op("And", keep, causal)
+    if keep is not None:
+        biases.append(_where_kept(w, keep, filter_value))
+    if extra:
+        biases.append(extra)
+    bias_sum = w.add(*biases) if biases else None
+    _attend(w, q, k, v, scale=scale, bias=bias_sum, out=node.output[0])
+
+
+def _multi_head_attention(w: _Writer, node: onnx.NodeProto) -> None:
+    """``com.microsoft.MultiHeadAttention`` with separate ``[B, S, D]`` query, key and value
+    (optional packed bias, key padding mask, attention bias, past key/value)."""
+    a = _attrs(node)
+    query, key, value = node.input[0], _arg(node, 1), _arg(node, 2)
+    if key is None or value is None or w.rank(key) != 3 or w.rank(query) != 3:
+        raise Unsupported("packed or per-head key/value inputs")
+    if _arg(node, 8) or _arg(node, 9):
+        raise Unsupported("past_sequence_length / cache_indirection")
+    heads = int(a["num_heads"])
+    bias = _arg(node, 3)
+    if bias:
+        b_value = w.value(bias)
+        if b_value is None:
+            raise Unsupported("its bias is not a constant")
+        d = b_value.shape[0] // 3
+        query, key, value = (w.op("Add", t, w.weight(b_value[i * d:(i + 1) * d]))
+                             for i, t in enumerate((query, key, value)))
+    q, k, v = _heads(w, query, heads), _heads(w, key, heads), _heads(w, value, heads)
+    past_k, past_v = _arg(node, 6), _arg(node, 7)
+    if past_k and past_v:
+        k, v = w.op("Concat", past_k, k, axis=2), w.op("Concat", past_v, v, axis=2)
+    if _out(node, 1):
+        w.op("Identity", k, out=node.output[1])
+    if _out(node, 2):
+        w.op("Identity", v, out=node.output[2])
+    queries, keys = _length(w, node.input[0], 1), _length(w, k, 2)
+    filter_value = float(a.get("mask_filter_value", MASK_FILTER_VALUE))
+    keep = _mask_keep(w, node.input[4], keys, "key padding mask", node.input[0]) if _arg(node, 4) else None
+    if a.get("unidirectional", 0):
+        causal = _causal_keep(w, queries, keys)
+        keep = causal if keep is None else w.op("And", keep, causal)
+    biases = [_where_kept(w, keep, filter_value)] if keep is not None else []
+    if _arg(node, 5):
+        biases.append(node.input[5])
+    scale = float(a.get("scale", 0.0))
+    if not scale:
+        width = w.shape(node.input[0])[-1]
+        if not isinstance(width, int):
+            raise Unsupported("its hidden size is not static")
+        scale = 1.0 / math.sqrt(width // heads)
+    _attend(w, q, k, v, scale=scale, bias=w.add(*biases) if biases else None, out=node.output[0])
+
+
+# -- the table --------------------------------------------------------------------------
+
+
+Decomposition = Callable[[_Writer, onnx.NodeProto], None]
+
+#: (domain, op) → how it is written out; ``""`` entries are onnxruntime's default-domain
+#: registrations (the standard ops of the same name are left alone)
+DECOMPOSITIONS: dict[tuple[str, str], Decomposition] = {
+    (MS_DOMAIN, "SkipLayerNormalization"): _skip_layer_norm(simplified=False),
+    (MS_DOMAIN, "SkipSimplifiedLayerNormalization"): _skip_layer_norm(simplified=True),
+    ("", "SimplifiedLayerNormalization"): _simplified_layer_norm,
+    (MS_DOMAIN, "SimplifiedLayerNormalization"): _simplified_layer_norm,
+    ("", "LayerNormalization"): _contrib_layer_norm,
+    (MS_DOMAIN, "EmbedLayerNormalization"): _embed_layer_norm,
+    (MS_DOMAIN, "BiasGelu"): _bias_gelu(tanh=False),
+    (MS_DOMAIN, "Gelu"): _bias_gelu(tanh=False),
+    (MS_DOMAIN, "FastGelu"): _bias_gelu(tanh=True),
+    (MS_DOMAIN, "QuickGelu"): _quick_gelu,
+    (MS_DOMAIN, "BiasAdd"): _bias_add,
+    (MS_DOMAIN, "BiasSplitGelu"): _bias_split_gelu,
+    (MS_DOMAIN, "FusedConv"): _fused_conv,
+    (MS_DOMAIN, "FusedGemm"): _fused_gemm,
+    (MS_DOMAIN, "FusedMatMul"): _fused_matmul,
+    (MS_DOMAIN, "Attention"): _attention,
+    (MS_DOMAIN, "MultiHeadAttention"): _multi_head_attention,
+}
+
+
+#: the attribute a fused node left in the twin carries: why it was not written out
+WHY_FUSED = "lrpc_stays_fused"
+
+
+def is_fused_op(domain: str) -> bool:
+    """An onnxruntime contrib domain (for the check's message on ops without a rule)."""
+    return domain == MS_DOMAIN or domain.startswith(MS_DOMAIN + ".")
+
+
+def write_out(node: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, opset: int, shapes: dict,
+              runtime_ops: set[str]) -> list[onnx.NodeProto] | None:
+    """The standard ops ``node`` stands for when it is one of onnxruntime's fused ops; a
+    variant not written out stays fused with its reason (:data:`WHY_FUSED`), which the check
+    reports. None for any other node."""
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    if domain == "" and node.op_type not in runtime_ops:
+        return None  # a standard op
+    fn = DECOMPOSITIONS.get((domain, node.op_type))
+    if fn is None:
+        return None
+    writer = _Writer(node, graph, inits, opset, shapes)
+    try:
+        fn(writer, node)
+    except Unsupported as reason:
+        kept = onnx.NodeProto()
+        kept.CopyFrom(node)
+        kept.attribute.append(helper.make_attribute(WHY_FUSED, str(reason)))
+        return [kept]
+    return writer.nodes
+
+
+def static_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Dims (int, symbolic name or None) of the tensors whose shapes the file declares, completed by
+    onnxruntime's symbolic shape inference (which knows its contrib ops) when it can."""
+    graph = model.graph
+    declared = [*graph.input, *graph.output, *graph.value_info]
+    fused_inputs = {x for n in graph.node if is_fused_op(n.domain) for x in n.input if x}
+    if fused_inputs - {vi.name for vi in declared} - {t.name for t in graph.initializer}:
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+            declared = [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]
+        except Exception:  # noqa: BLE001 - its failures are asserts and key errors: keep what is declared
+            pass
+    out = {}
+    for vi in declared:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tt.shape.dim]
+    return out

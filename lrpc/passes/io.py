@@ -72,7 +72,8 @@ def _dtype_name(x) -> str:
 
 def embedding_lookups(x: gs.Tensor) -> list[gs.Node]:
     """``Gather(table, ids)`` nodes reading ``x`` (through casts and reshapes) from a
-    constant floating-point table."""
+    constant floating-point table. A lookup only the sizes of which are read (onnxruntime's
+    optimizer leaves one behind ``EmbedLayerNormalization`` for a ``Shape``) is none."""
     found, frontier, seen = [], [x], set()
     while frontier:
         tensor = frontier.pop()
@@ -82,10 +83,15 @@ def embedding_lookups(x: gs.Tensor) -> list[gs.Node]:
             seen.add(id(node))
             if node.op == "Gather" and len(node.inputs) == 2 and node.inputs[1] is tensor \
                     and isinstance(node.inputs[0], gs.Constant) and dtype_kind(node.inputs[0]) == "f":
-                found.append(node)
+                if not _sizes_only(node.outputs[0]):
+                    found.append(node)
             elif node.op in _ID_MOVERS and node.inputs and node.inputs[0] is tensor:
                 frontier.extend(node.outputs)
     return found
+
+
+def _sizes_only(t: gs.Tensor) -> bool:
+    return bool(t.outputs) and all(n.op in ("Shape", "Size") for n in t.outputs)
 
 
 def _is_scores(t) -> bool:

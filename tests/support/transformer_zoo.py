@@ -39,7 +39,8 @@ def build(name: str, attn: str = "eager", seed: int = 0) -> torch.nn.Module:
     """The model in eval mode, float32, every parameter drawn from N(0, 0.3²) (LayerNorm
     and RMSNorm scales from 1 + N(0, 0.3²), so activations keep their size)."""
     from transformers import (AlbertConfig, AlbertForSequenceClassification, BertConfig,
-                              BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                              BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification,
+                              RobertaConfig, RobertaForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                               ViTConfig, ViTForImageClassification)
 
     torch.manual_seed(seed)
@@ -52,6 +53,14 @@ def build(name: str, attn: str = "eager", seed: int = 0) -> torch.nn.Module:
         model = AlbertForSequenceClassification(AlbertConfig(
             vocab_size=VOCAB, embedding_size=16, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=32, num_labels=3, hidden_act="gelu_new", **common))
+    elif name == "distilbert":  # not in NAMES: no token types, its own attention module
+        model = DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=VOCAB, dim=HIDDEN, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=32,
+            num_labels=3, **common))
+    elif name == "roberta":  # not in NAMES: positions offset past the padding index
+        model = RobertaForSequenceClassification(RobertaConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=40, num_labels=3, **common))
     elif name == "vit":
         model = ViTForImageClassification(ViTConfig(
             image_size=16, patch_size=4, num_channels=3, hidden_size=HIDDEN, num_hidden_layers=2,

@@ -76,11 +76,15 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+    import importlib
+    import importlib.util
+
     module = _EXPORTS.get(name)
     if module is None:
+        # a submodule (``lrpc.compiler``) is an attribute once imported, as without lazy exports
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'lrpc' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

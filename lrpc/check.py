@@ -89,7 +89,7 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
             elif node.domain == "ai.onnx.ml":
                 reason = f"LRP explains neural networks; {node.op} (ai.onnx.ml) is not a neural-network layer"
                 kind = NOT_A_NETWORK
-            elif (is_fused_op(node.domain) and not is_quantized_op(node.op)) or WHY_FUSED in node.attrs:
+            elif (is_fused_op(node.domain or "") and not is_quantized_op(node.op)) or WHY_FUSED in node.attrs:
                 why = node.attrs.get(WHY_FUSED)
                 reason = f"{node.domain or 'ai.onnx'}.{node.op}: fused op without a rule" + (f" ({why})" if why else "")
                 kind = "fused"

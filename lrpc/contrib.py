@@ -44,8 +44,10 @@ class Unsupported(Exception):
 class _Writer:
     """Nodes and constants of one decomposition, with fresh names under the node's own."""
 
-    def __init__(self, node: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, opset: int, shapes: dict):
-        self.node, self.graph, self.inits, self.opset, self.shapes = node, graph, inits, opset, shapes
+    def __init__(self, node: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, opset: int, shapes: dict,
+                 types: dict):
+        self.node, self.graph, self.inits, self.opset = node, graph, inits, opset
+        self.shapes, self.types = shapes, types
         self.base = (node.name or node.output[0]) + "/lrp_parts"
         self.nodes: list[onnx.NodeProto] = []
         self.count = 0
@@ -144,6 +146,11 @@ class _Writer:
         if name not in self.shapes:
             raise Unsupported(f"the rank of {name!r} is unknown")
         return self.shapes[name]
+
+    def dtype(self, name: str) -> int | None:
+        if name in self.inits:
+            return self.inits[name].data_type
+        return self.types.get(name)
 
     def rank(self, name: str) -> int:
         return len(self.shape(name))
@@ -354,13 +361,16 @@ def _repeat_heads(w: _Writer, kv: str, groups: int) -> str:
 
 
 def _attend(w: _Writer, q: str, k: str, v: str, *, scale: float, bias: str | None, out: str,
-            softcap: float = 0.0) -> str:
-    """``softmax(q·kᵀ·scale (+ bias)) · v`` on ``[B, N, S, h]`` heads, back to ``[B, S, N·h]``."""
+            softcap: float = 0.0, merge_heads: bool = True) -> str:
+    """``softmax(q·kᵀ·scale (+ bias)) · v`` on ``[B, N, S, h]`` heads, back to ``[B, S, N·h]``
+    (or left ``[B, N, S, h]`` without ``merge_heads``)."""
     scores = w.op("Mul", w.op("MatMul", q, w.op("Transpose", k, perm=[0, 1, 3, 2])), w.const(scale))
     if softcap:
         scores = w.op("Mul", w.op("Tanh", w.op("Div", scores, w.const(softcap))), w.const(softcap))
     scores = w.add(scores, bias)
-    context = w.op("MatMul", w.op("Softmax", scores, axis=-1), v)
+    context = w.op("MatMul", w.op("Softmax", scores, axis=-1), v, out=None if merge_heads else out)
+    if not merge_heads:
+        return context
     return w.op("Reshape", w.op("Transpose", context, perm=[0, 2, 1, 3]), w.ints(0, 0, -1), out=out)
 
 
@@ -489,6 +499,115 @@ def _multi_head_attention(w: _Writer, node: onnx.NodeProto) -> None:
     _attend(w, q, k, v, scale=scale, bias=w.add(*biases) if biases else None, out=node.output[0])
 
 
+#: the score bias of masked positions where the standard op says −inf (a finite value keeps
+#: a row whose every key is masked finite; exp of it is 0 in every float precision)
+MASKED = -1e9
+
+
+def _standard_attention(w: _Writer, node: onnx.NodeProto) -> None:
+    """Opset 23's ``Attention``: Q, K, V as ``[B, N, S, h]`` or ``[B, S, N·h]`` (with
+    ``q_num_heads`` / ``kv_num_heads``), grouped key/value heads, a boolean or additive
+    mask, ``is_causal`` (aligned to the last query, after the past), softcap, past key and
+    value (the present outputs are the concatenations)."""
+    a = _attrs(node)
+    if _out(node, 3) or _arg(node, 6) or a.get("left_window_size", -1) >= 0 or a.get("right_window_size", -1) >= 0:
+        raise Unsupported("qk_matmul_output, nonpad_kv_seqlen or a sliding window")
+    q, k, v = node.input[:3]
+    three_d = w.rank(q) == 3
+    if three_d:
+        heads, kv_heads = int(a["q_num_heads"]), int(a["kv_num_heads"])
+        q, k, v = _heads(w, q, heads), _heads(w, k, kv_heads), _heads(w, v, kv_heads)
+        head_size = w.shape(node.input[0])[-1]
+        head_size = head_size // heads if isinstance(head_size, int) else None
+    else:
+        heads, kv_heads = w.shape(q)[1], w.shape(k)[1]
+        head_size = w.shape(q)[-1]
+    past_k, past_v = _arg(node, 4), _arg(node, 5)
+    if past_k and past_v:
+        k, v = w.op("Concat", past_k, k, axis=2), w.op("Concat", past_v, v, axis=2)
+    for i, t in ((1, k), (2, v)):
+        if _out(node, i):
+            w.op("Identity", t, out=node.output[i])
+    if kv_heads != heads:
+        if not (isinstance(heads, int) and isinstance(kv_heads, int)):
+            raise Unsupported("head counts that are not static")
+        k, v = _repeat_heads(w, k, heads // kv_heads), _repeat_heads(w, v, heads // kv_heads)
+    scale = float(a["scale"]) if "scale" in a else None
+    if scale is None:
+        if not isinstance(head_size, int):
+            raise Unsupported("a head size that is not static")
+        scale = 1.0 / math.sqrt(head_size)
+    biases, keep = [], None
+    mask = _arg(node, 3)
+    if mask:
+        if w.dtype(mask) == TensorProto.BOOL:
+            keep = mask
+        else:
+            biases.append(mask)
+    if a.get("is_causal", 0):
+        causal = _causal_keep(w, _length(w, q, 2), _length(w, k, 2))
+        keep = causal if keep is None else w.op("And", keep, causal)
+    if keep is not None:
+        biases.insert(0, _where_kept(w, keep, MASKED))
+    _attend(w, q, k, v, scale=scale, bias=w.add(*biases) if biases else None, out=node.output[0],
+            softcap=float(a.get("softcap", 0.0)), merge_heads=three_d)
+
+
+def _rotary(w: _Writer, node: onnx.NodeProto, x: str, cos: str, sin: str, position_ids: str | None,
+            a: dict) -> None:
+    """``x₁·cos − x₂·sin, x₁·sin + x₂·cos`` on the first ``rotary_embedding_dim`` features
+    of each head (halves, or even/odd features when ``interleaved``), the rest as it is; ``x``
+    is ``[B, N, S, h]`` or ``[B, S, N·h]``. Linear in ``x``: relevance follows each term."""
+    cos_cache = cos
+    if position_ids is not None:
+        cos, sin = w.op("Gather", cos, position_ids), w.op("Gather", sin, position_ids)
+    three_d = w.rank(x) == 3
+    if three_d:
+        x = w.op("Reshape", x, w.ints(0, 0, int(a["num_heads"]), -1))  # [B, S, N, h]
+    cos, sin = (w.op("Unsqueeze", t, w.ints(2 if three_d else 1)) for t in (cos, sin))
+    rotated_dim = int(a.get("rotary_embedding_dim", 0))
+    if not rotated_dim:  # the caches hold cos and sin of half the rotated features
+        cache = w.shape(cos_cache)[-1]
+        if not isinstance(cache, int):
+            raise Unsupported("a rotary dimension that is not static")
+        rotated_dim = 2 * cache
+    part = w.last_slice(x, 0, rotated_dim)
+    if a.get("interleaved", 0):
+        x1 = w.op("Slice", part, w.ints(0), w.ints(rotated_dim), w.ints(-1), w.ints(2))
+        x2 = w.op("Slice", part, w.ints(1), w.ints(rotated_dim), w.ints(-1), w.ints(2))
+    else:
+        x1, x2 = w.last_slice(part, 0, rotated_dim // 2), w.last_slice(part, rotated_dim // 2, rotated_dim)
+    real = w.op("Add", w.op("Mul", x1, cos), w.op("Mul", w.op("Neg", x2), sin))
+    imag = w.op("Add", w.op("Mul", x1, sin), w.op("Mul", x2, cos))
+    if a.get("interleaved", 0):
+        pairs = w.op("Concat", w.op("Unsqueeze", real, w.ints(-1)), w.op("Unsqueeze", imag, w.ints(-1)), axis=-1)
+        rotated = w.op("Reshape", pairs, w.op("Shape", part))
+    else:
+        rotated = w.op("Concat", real, imag, axis=-1)
+    rest = w.op("Slice", x, w.ints(rotated_dim), w.ints(2 ** 62), w.ints(-1))
+    y = w.op("Concat", rotated, rest, axis=-1, out=None if three_d else node.output[0])
+    if three_d:
+        w.op("Reshape", y, w.ints(0, 0, -1), out=node.output[0])
+
+
+def _standard_rotary(w: _Writer, node: onnx.NodeProto) -> None:
+    """Opset 23's ``RotaryEmbedding(X, cos_cache, sin_cache, position_ids)``."""
+    _rotary(w, node, node.input[0], node.input[1], node.input[2], _arg(node, 3), _attrs(node))
+
+
+def _contrib_rotary(w: _Writer, node: onnx.NodeProto) -> None:
+    """``com.microsoft.RotaryEmbedding(input, position_ids, cos_cache, sin_cache)``."""
+    a = _attrs(node)
+    if a.get("is_packed_batching", 0) or a.get("scale", 1.0) != 1.0:
+        raise Unsupported("packed batching or a scale")
+    positions = w.shape(node.input[1])
+    if len(positions) != 2:
+        raise Unsupported("a position offset instead of position ids")
+    if w.rank(node.input[0]) == 3 and not a.get("num_heads"):
+        raise Unsupported("a [B, S, N·h] input without num_heads")
+    _rotary(w, node, node.input[0], node.input[2], node.input[3], node.input[1], a)
+
+
 # -- the table --------------------------------------------------------------------------
 
 
@@ -514,6 +633,13 @@ DECOMPOSITIONS: dict[tuple[str, str], Decomposition] = {
     (MS_DOMAIN, "FusedMatMul"): _fused_matmul,
     (MS_DOMAIN, "Attention"): _attention,
     (MS_DOMAIN, "MultiHeadAttention"): _multi_head_attention,
+    (MS_DOMAIN, "RotaryEmbedding"): _contrib_rotary,
+}
+
+#: opset 23's attention ops, written out like the fused ones (no exporter spells them out)
+STANDARD_DECOMPOSITIONS: dict[str, Decomposition] = {
+    "Attention": _standard_attention,
+    "RotaryEmbedding": _standard_rotary,
 }
 
 
@@ -526,18 +652,16 @@ def is_fused_op(domain: str) -> bool:
     return domain == MS_DOMAIN or domain.startswith(MS_DOMAIN + ".")
 
 
-def write_out(node: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, opset: int, shapes: dict,
+def write_out(node: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, opset: int, shapes: tuple[dict, dict],
               runtime_ops: set[str]) -> list[onnx.NodeProto] | None:
-    """The standard ops ``node`` stands for when it is one of onnxruntime's fused ops; a
-    variant not written out stays fused with its reason (:data:`WHY_FUSED`), which the check
-    reports. None for any other node."""
-    domain = "" if node.domain == "ai.onnx" else node.domain
-    if domain == "" and node.op_type not in runtime_ops:
-        return None  # a standard op
-    fn = DECOMPOSITIONS.get((domain, node.op_type))
+    """The standard ops ``node`` stands for when it is one of onnxruntime's fused ops (or
+    opset 23's attention ops); a variant not written out stays with its reason
+    (:data:`WHY_FUSED`), which the check reports. None for any other node. ``shapes``:
+    :func:`declared_shapes`."""
+    fn = _decomposition(node, runtime_ops)
     if fn is None:
         return None
-    writer = _Writer(node, graph, inits, opset, shapes)
+    writer = _Writer(node, graph, inits, opset, *shapes)
     try:
         fn(writer, node)
     except Unsupported as reason:
@@ -548,23 +672,44 @@ def write_out(node: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, opset: 
     return writer.nodes
 
 
-def static_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    """Dims (int, symbolic name or None) of the tensors whose shapes the file declares, completed by
-    onnxruntime's symbolic shape inference (which knows its contrib ops) when it can."""
+def _decomposition(node: onnx.NodeProto, runtime_ops: set[str]) -> Decomposition | None:
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    if domain == "" and node.op_type not in runtime_ops:
+        return STANDARD_DECOMPOSITIONS.get(node.op_type)  # None: any other standard op
+    return DECOMPOSITIONS.get((domain, node.op_type))
+
+
+def writes_out(node: onnx.NodeProto, runtime_ops: set[str]) -> bool:
+    """Whether the analysis writes ``node`` out in standard ops (when its variant allows)."""
+    return _decomposition(node, runtime_ops) is not None
+
+
+def declared_shapes(model: onnx.ModelProto) -> tuple[dict[str, list], dict[str, int]]:
+    """Dims (int, symbolic name or None) and element types of the tensors whose shapes the
+    file declares, completed by onnx's shape inference and then onnxruntime's symbolic one
+    (which knows its contrib ops) where the written-out nodes' inputs lack them."""
     graph = model.graph
-    declared = [*graph.input, *graph.output, *graph.value_info]
-    fused_inputs = {x for n in graph.node if is_fused_op(n.domain) for x in n.input if x}
-    if fused_inputs - {vi.name for vi in declared} - {t.name for t in graph.initializer}:
+    wanted = {x for n in graph.node if is_fused_op(n.domain) or n.op_type in STANDARD_DECOMPOSITIONS
+              for x in n.input if x} - {t.name for t in graph.initializer}
+
+    def declared(m):
+        return {vi.name: vi for vi in [*m.graph.input, *m.graph.output, *m.graph.value_info]
+                if vi.type.tensor_type.HasField("shape")}
+
+    found = declared(model)
+    if wanted - set(found):
+        try:
+            found = {**declared(onnx.shape_inference.infer_shapes(model)), **found}
+        except Exception:  # noqa: BLE001 - a file onnx cannot infer: what is declared stays
+            pass
+    if wanted - set(found):
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
             inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-            declared = [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]
-        except Exception:  # noqa: BLE001 - its failures are asserts and key errors: keep what is declared
+            found = {**declared(inferred), **found}
+        except Exception:  # noqa: BLE001 - its failures are asserts and key errors
             pass
-    out = {}
-    for vi in declared:
-        tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            out[vi.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tt.shape.dim]
-    return out
+    shapes = {name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+                     for d in vi.type.tensor_type.shape.dim] for name, vi in found.items()}
+    return shapes, {name: vi.type.tensor_type.elem_type for name, vi in found.items()}

@@ -65,11 +65,15 @@ def is_quantized_op(op: str) -> bool:
 
 def deployed_form(model: onnx.ModelProto) -> dict:
     """``{"quantized": bool, "half": bool, "fused": bool}``: what makes ``model`` a deployed
-    form (``fused``: onnxruntime's contrib ops, :mod:`lrpc.contrib`)."""
+    form (``fused``: onnxruntime's contrib ops or opset 23's attention ops, which the
+    analysis writes out: :mod:`lrpc.contrib`)."""
     quantized = half = False
-    fused = bool(runtime_default_domain_ops(model))
+    runtime_ops = runtime_default_domain_ops(model)
+    fused = bool(runtime_ops)
     for graph in all_graphs(model.graph):
-        fused = fused or any(contrib.is_fused_op(n.domain) and not is_quantized_op(n.op_type) for n in graph.node)
+        fused = fused or any(contrib.writes_out(n, runtime_ops) or (contrib.is_fused_op(n.domain)
+                                                                    and not is_quantized_op(n.op_type))
+                             for n in graph.node)
         quantized = quantized or any(is_quantized_op(n.op_type) for n in graph.node)
         half = half or any(t.data_type in HALF for t in graph.initializer) or any(
             vi.type.tensor_type.elem_type in HALF for vi in [*graph.input, *graph.output, *graph.value_info]) or any(
@@ -102,7 +106,7 @@ def analysis_twin(model: onnx.ModelProto, relevance_dtype: str | None = None) ->
     state = _Rewriting(graph.node)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     runtime_ops = runtime_default_domain_ops(model)
-    shapes = contrib.static_shapes(model) if deployed_form(model)["fused"] else {}
+    shapes = contrib.declared_shapes(model) if deployed_form(model)["fused"] else ({}, {})
     rewritten = []
     for node in graph.node:
         written_out = contrib.write_out(node, graph, inits, opset, shapes, runtime_ops)

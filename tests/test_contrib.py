@@ -68,7 +68,8 @@ def _run(model: onnx.ModelProto, feeds: dict) -> list:
 
 def _written_out(model: onnx.ModelProto) -> onnx.ModelProto:
     twin = analysis_twin(model)
-    kept = [n for n in twin.graph.node if n.domain == MS or n.op_type == model.graph.node[0].op_type]
+    kept = [n for n in twin.graph.node if n.domain == MS or n.op_type == model.graph.node[0].op_type
+            or any(a.name == contrib.WHY_FUSED for a in n.attribute)]
     assert not kept, f"{kept[0].op_type} stayed fused"
     return twin
 
@@ -153,6 +154,26 @@ CASES = {
                                "4:key_padding_mask": None, "5:attention_bias": _x(1, N, S, S + 3),
                                "6:past_key": _x(B, N, 3, H // N), "7:past_value": _x(B, N, 3, H // N)},
         {}, ["y", "present_key", "present_value"], num_heads=N, unidirectional=1),
+    # opset 23's standard ops, written out the same way
+    "Attention-23-4d-bool-mask": lambda: _model(
+        "Attention", {"q": _x(B, N, S, 4), "k": _x(B, N, S + 1, 4), "v": _x(B, N, S + 1, 4),
+                      "mask": np.tile(_mask([S + 1, 3], S + 1, np.bool_)[:, None, None, :], (1, 1, S, 1))}, {}, ["y"], domain="", opset=23),
+    "Attention-23-3d-gqa-causal-past": lambda: _model(
+        "Attention", {"q": _x(B, S, 4 * 4), "k": _x(B, S, 2 * 4), "v": _x(B, S, 2 * 4), "3:mask": None,
+                      "past_key": _x(B, 2, 3, 4), "past_value": _x(B, 2, 3, 4)}, {},
+        ["y", "present_key", "present_value"], domain="", opset=23, q_num_heads=4, kv_num_heads=2, is_causal=1),
+    "Attention-23-float-mask-softcap-scale": lambda: _model(
+        "Attention", {"q": _x(B, N, S, 4) * 3, "k": _x(B, N, S, 4), "v": _x(B, N, S, 4), "mask": _x(S, S)}, {},
+        ["y"], domain="", opset=23, softcap=2.0, scale=0.7),
+    "RotaryEmbedding-23-4d": lambda: _model(
+        "RotaryEmbedding", {"x": _x(B, N, S, 8), "3:positions": rng.integers(0, 16, (B, S)).astype(np.int64)},
+        {"1:cos": _x(16, 4), "2:sin": _x(16, 4)}, ["y"], domain="", opset=23),
+    "RotaryEmbedding-23-3d-interleaved-partial": lambda: _model(
+        "RotaryEmbedding", {"x": _x(B, S, N * 8), "1:cos": _x(B, S, 2), "2:sin": _x(B, S, 2)}, {}, ["y"],
+        domain="", opset=23, num_heads=N, interleaved=1, rotary_embedding_dim=4),
+    "RotaryEmbedding-contrib": lambda: _model(
+        "RotaryEmbedding", {"x": _x(B, S, N * 8), "positions": rng.integers(0, 16, (B, S)).astype(np.int64)},
+        {"cos": _x(16, 4), "sin": _x(16, 4)}, ["y"], num_heads=N),
 }
 
 

@@ -156,3 +156,26 @@ def test_cnn_saved_by_onnxruntimes_optimizer_has_the_exported_files_relevance(na
                 feeds)
     assert np.array_equal(got[0], _run(fused, feeds)[0])
     assert _relative(got[1], want[1]) < TOLERANCE and np.abs(want[1]).max() > 0
+
+
+# -- opset 23's attention ops: torch's dynamo exporter writes Attention, RotaryEmbedding, RMSNormalization --
+
+
+#: LLaMA's file runs at batch 1 only: onnxruntime's RotaryEmbedding kernel wants the cos cache
+#: torch exports ([1, S, h/2]) at the input's batch size
+OPSET_23 = {"bert": 3, "vit": 3, "gpt2": 3, "llama": 1}
+
+
+@pytest.mark.parametrize("preset", ["AttnLRP", "CPLRP"])
+@pytest.mark.parametrize("name", sorted(OPSET_23))
+def test_opset_23_attention_export_has_the_exported_files_relevance(name, preset):
+    data = tz.export_bytes(name, attn="sdpa", exporter="dynamo", opset=23)
+    ops = {n.op_type for n in onnx.load_from_string(data).graph.node}
+    assert "Attention" in ops and (name != "llama" or {"RotaryEmbedding", "RMSNormalization"} <= ops)
+    feeds = tz.example(name, OPSET_23[name]).feeds()
+    logits, relevance = _relevance(data, preset, feeds)
+    assert np.array_equal(logits, _run(data, feeds)[0])
+    want_logits, want = _relevance(tz.export_bytes(name), preset, feeds)
+    assert _relative(logits, want_logits) < 1e-5
+    assert relevance.shape == want.shape and np.abs(want).max() > 0
+    assert _relative(relevance, want) < TOLERANCE

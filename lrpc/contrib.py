@@ -696,19 +696,25 @@ def declared_shapes(model: onnx.ModelProto) -> tuple[dict[str, list], dict[str, 
         return {vi.name: vi for vi in [*m.graph.input, *m.graph.output, *m.graph.value_info]
                 if vi.type.tensor_type.HasField("shape")}
 
-    found = declared(model)
-    if wanted - set(found):
-        try:
-            found = {**declared(onnx.shape_inference.infer_shapes(model)), **found}
-        except Exception:  # noqa: BLE001 - a file onnx cannot infer: what is declared stays
-            pass
-    if wanted - set(found):
-        try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    def onnx_inference():
+        return onnx.shape_inference.infer_shapes(model)
 
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-            found = {**declared(inferred), **found}
-        except Exception:  # noqa: BLE001 - its failures are asserts and key errors
+    def runtime_inference():
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+
+    # onnxruntime's inference first where its contrib ops are: onnx's stops at them, giving
+    # the dims after them names of their own (a mask index's batch no longer the batch)
+    inferences = (runtime_inference, onnx_inference) if any(is_fused_op(n.domain) for n in graph.node) else (
+        onnx_inference, runtime_inference)
+    found = declared(model)
+    for infer in inferences:
+        if not wanted - set(found):
+            break
+        try:
+            found = {**declared(infer()), **found}
+        except Exception:  # noqa: BLE001 - failures are asserts and key errors: what is declared stays
             pass
     shapes = {name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None
                      for d in vi.type.tensor_type.shape.dim] for name, vi in found.items()}

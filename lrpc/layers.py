@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import Program, is_float, relevance_path
+from .contrib import is_fused_op
 from .deployed import is_quantized_op
 from .registry import lookup
 from .spec import SHAPE_READERS, TRANSPARENT, Layer
@@ -37,6 +39,13 @@ class LayerTable:
         return len(self.layers)
 
 
+def _contrib_namesake(node: gs.Node) -> bool:
+    """An onnxruntime contrib op named like a standard one (``com.microsoft.nchwc.Conv``, on
+    blocked layouts): not the standard op, whatever its name (the quantizers' com.microsoft
+    ``QuantizeLinear``/``DequantizeLinear`` are the standard ones)."""
+    return is_fused_op(node.domain or "") and onnx.defs.has(node.op) and not is_quantized_op(node.op)
+
+
 def find_layers(program: Program) -> LayerTable:
     nodes, carriers = relevance_path(program.graph, program.explained_name, program.start_name, blocked=_blocked)
 
@@ -44,7 +53,7 @@ def find_layers(program: Program) -> LayerTable:
     by_node: dict[int, Layer] = {}
     unknown: list[gs.Node] = []
     for node in nodes:
-        spec = lookup(node.op)
+        spec = None if _contrib_namesake(node) else lookup(node.op)
         acts = [i for i, t in enumerate(node.inputs) if t.name in carriers]
         if spec is None:
             unknown.append(node)

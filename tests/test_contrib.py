@@ -49,6 +49,8 @@ def _model(op: str, inputs: dict, weights: dict, outputs: list[str], domain: str
                                                              None) for o in outputs if o],
                               inits)
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+    if domain not in ("", MS):
+        opsets.append(helper.make_opsetid(domain, 1))
     model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
     try:  # the outputs' shapes, as the kernel makes them (the checker wants them declared)
         shapes = shapes or [r.shape for r in _run(model, feeds)]
@@ -242,3 +244,12 @@ def test_default_domain_runtime_ops_load_and_standard_ops_stay():
     standard, _ = _model("LayerNormalization", {"x": _x(B, S, H)}, {"scale": _x(H)}, ["y"], domain="")
     assert lrpc.files.runtime_default_domain_ops(standard) == set()
     assert not deployed_form(standard)["fused"]
+
+
+def test_a_contrib_op_named_like_a_standard_one_is_not_the_standard_op():
+    """``com.microsoft.nchwc.Conv`` (files saved at ORT_ENABLE_ALL) computes on a blocked layout."""
+    model, _ = _model("Conv", {"x0": _x(B, 8, 6, 6)}, {"w": _x(8, 8, 3, 3)}, ["y"], domain="com.microsoft.nchwc",
+                      shapes=[(B, 8, 4, 4)])
+    with pytest.raises(lrpc.UnsupportedModelError) as info:
+        lrpc.compile(model, verbose=False)
+    assert [r.status for r in info.value.report.failures] == ["com.microsoft.nchwc.Conv: fused op without a rule"]

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lrpc
 from lrpc import contrib
 from lrpc.deployed import analysis_twin, deployed_form
+from support.runtimes import onnxruntime_run
 
 MS = "com.microsoft"
 B, S, H, N = 2, 5, 8, 2  # batch, sequence, hidden width, heads
@@ -62,10 +63,7 @@ def _model(op: str, inputs: dict, weights: dict, outputs: list[str], domain: str
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> list:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return onnxruntime_run(model, feeds, optimized=False)  # the kernels as written, unfused
 
 
 def _written_out(model: onnx.ModelProto) -> onnx.ModelProto:

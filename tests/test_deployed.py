@@ -26,7 +26,6 @@ import tempfile
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -35,7 +34,7 @@ import lrpc
 from support import attnlrp_ref, families, onnx_torch, zoo
 from support import transformer_zoo as tz
 from support.export import export_onnx
-from support.runtimes import openvino_run
+from support.runtimes import onnxruntime_run as _run, openvino_run, relative_error as _relative
 from support.quantized_ref import (deployed_parameters, dynamic_int8, qoperator_integers, quantized_relevance,
                                    rounding_margin, weight_only_values)
 from support.zennit_ref import composite, fuse_batchnorm, zennit_relevance
@@ -45,17 +44,6 @@ QUANTIZED = ("qdq", "qoperator", "dynamic")
 HALF = ("float16", "float16-io", "bfloat16")
 HALF_TOLERANCE = {"float16": 1e-2, "float16-io": 1e-2, "bfloat16": 5e-2}  # against the float32 model
 ROUNDING = {"float16": torch.float16, "float16-io": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _run(model, feed):
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]).run(None, feed)
-
-
-def _relative(got, want) -> float:
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
 # -- building the forms, once per run ------------------------------------------------------------

@@ -27,6 +27,7 @@ import lrpc
 from support import transformer_zoo as tz
 from support import zoo
 from support.export import export_onnx
+from support.runtimes import onnxruntime_run as _run, relative_error as _relative
 
 EPSILON = 1e-9
 TOLERANCE = 1e-4
@@ -53,17 +54,6 @@ EXPECTED = {
 EXPECTED_AT_LEVEL_2 = {("llama", "default"): {"SimplifiedLayerNormalization", "QuickGelu"}}
 CASES = [(name, variant, level) for name, variant in EXPECTED for level in (1, 2)
          if level == 1 or variant == "default"]
-
-
-def _run(model, feed):
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]).run(None, feed)
-
-
-def _relative(got, want) -> float:
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
 @functools.lru_cache(maxsize=None)

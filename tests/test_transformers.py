@@ -19,6 +19,7 @@ import torch
 
 import lrpc
 from support import attnlrp_ref, transformer_zoo as tz
+from support.runtimes import relative_error as _relative
 
 EPSILON = 1e-9
 TOLERANCE = 1e-4  # max|ΔR| / max|R|
@@ -29,10 +30,6 @@ def _session(model_bytes: bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def _relative(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def _explained_tensor(name: str, ex: tz.Example, model: torch.nn.Module) -> np.ndarray:

@@ -1,9 +1,28 @@
-"""Running a compiled file in other runtimes than onnxruntime, for the portability checks."""
+"""Running a model in onnxruntime (quietly, on the CPU) and in other runtimes, for the
+portability checks; the relative error the parity tests assert on."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+
+
+def onnxruntime_run(model, feeds: dict, optimized: bool = True) -> list:
+    """The outputs of ``model`` (bytes or ``ModelProto``) in onnxruntime's CPU provider;
+    ``optimized=False`` runs the graph as written, without onnxruntime's fusions."""
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def relative_error(got, want) -> float:
+    """``max |got − want| / max |want|``, in float64."""
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
 def openvino_run(model: bytes, feeds: dict) -> dict:

@@ -46,7 +46,7 @@ class _Writer:
 
     def __init__(self, node: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, opset: int, shapes: dict,
                  types: dict):
-        self.node, self.graph, self.inits, self.opset = node, graph, inits, opset
+        self.graph, self.inits, self.opset = graph, inits, opset
         self.shapes, self.types = shapes, types
         self.base = (node.name or node.output[0]) + "/lrp_parts"
         self.nodes: list[onnx.NodeProto] = []
@@ -62,11 +62,7 @@ class _Writer:
         return out
 
     def const(self, value, dtype=np.float32) -> str:
-        name = self.fresh("c")
-        tensor = numpy_helper.from_array(np.asarray(value, dtype), name)
-        self.graph.initializer.append(tensor)
-        self.inits[name] = tensor
-        return name
+        return self._initializer("c", np.asarray(value, dtype))
 
     def ints(self, *values: int) -> str:
         return self.const(list(values), np.int64)
@@ -76,8 +72,12 @@ class _Writer:
         return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
 
     def weight(self, value: np.ndarray) -> str:
-        name = self.fresh("weight")
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        """A part of a constant, in its own dtype (a slice of a fused QKV weight)."""
+        return self._initializer("weight", np.ascontiguousarray(value))
+
+    def _initializer(self, what: str, value: np.ndarray) -> str:
+        name = self.fresh(what)
+        tensor = numpy_helper.from_array(value, name)
         self.graph.initializer.append(tensor)
         self.inits[name] = tensor
         return name
@@ -379,6 +379,26 @@ def _where_kept(w: _Writer, keep: str, filter_value: float) -> str:
     return w.op("Where", keep, w.const(0.0), w.const(filter_value))
 
 
+def _score_bias(w: _Writer, filter_value: float, keep: str | None = None, causal: str | None = None,
+                additive: str | None = None) -> str | None:
+    """What attention adds to its scores: ``filter_value`` where the mask's ``keep`` or the
+    ``causal`` booleans are false, plus an ``additive`` bias; None when there is nothing."""
+    keeps = [t for t in (keep, causal) if t]
+    biases = [_where_kept(w, keeps[0] if len(keeps) == 1 else w.op("And", *keeps), filter_value)] if keeps else []
+    biases += [additive] if additive else []
+    return w.add(*biases) if biases else None
+
+
+def _after_past(w: _Writer, node: onnx.NodeProto, k: str, v: str, past_k: str | None, past_v: str | None):
+    """Keys and values after the past ones; they are the present outputs (slots 1 and 2)."""
+    if past_k and past_v:
+        k, v = w.op("Concat", past_k, k, axis=2), w.op("Concat", past_v, v, axis=2)
+    for i, t in ((1, k), (2, v)):
+        if _out(node, i):
+            w.op("Identity", t, out=node.output[i])
+    return k, v
+
+
 def _causal_keep(w: _Writer, queries: str, keys: str) -> str:
     """``[S, T]`` booleans: key ``t`` is visible from query ``s`` when ``t ≤ s + T − S``."""
     s = w.op("Range", w.const(0, np.int64), queries, w.const(1, np.int64))
@@ -419,16 +439,10 @@ def _attention(w: _Writer, node: onnx.NodeProto) -> None:
         raise Unsupported("a past state")
     heads = int(a["num_heads"])
     x, weights, bias = node.input[0], node.input[1], _arg(node, 2)
-    w_value = w.value(weights)
-    total = w_value.shape[-1] if w_value is not None else None
-    sizes = list(a.get("qkv_hidden_sizes", []))
-    if not sizes:
-        if total is None:
-            raise Unsupported("its QKV weight is not a constant")
-        sizes = [total // 3] * 3
-    b_value = w.value(bias) if bias else None
+    w_value, b_value = w.value(weights), w.value(bias) if bias else None
     if w_value is None or (bias and b_value is None):
         raise Unsupported("its QKV weight is not a constant")
+    sizes = list(a.get("qkv_hidden_sizes", [])) or [w_value.shape[-1] // 3] * 3
     # one projection per Q, K, V, as exporters write them (each a layer of its own)
     projections, start = [], 0
     for size in sizes:
@@ -439,19 +453,12 @@ def _attention(w: _Writer, node: onnx.NodeProto) -> None:
         start += size
     q, k, v = (_heads(w, p, heads) for p in projections)
     scale = float(a.get("scale", 0.0)) or 1.0 / math.sqrt(sizes[0] // heads)
-    biases = []
-    mask, extra = _arg(node, 3), _arg(node, 5)
-    filter_value = float(a.get("mask_filter_value", MASK_FILTER_VALUE))
     keys = _length(w, x, 1)
-    keep = _mask_keep(w, mask, keys, "mask index", x) if mask else None
-    if a.get("unidirectional", 0):
-        causal = _causal_keep(w, keys, keys)
-        keep = causal if keep is None else w.op("And", keep, causal)
-    if keep is not None:
-        biases.append(_where_kept(w, keep, filter_value))
-    if extra:
-        biases.append(extra)
-    bias_sum = w.add(*biases) if biases else None
+    mask = _arg(node, 3)
+    bias_sum = _score_bias(w, float(a.get("mask_filter_value", MASK_FILTER_VALUE)),
+                           keep=_mask_keep(w, mask, keys, "mask index", x) if mask else None,
+                           causal=_causal_keep(w, keys, keys) if a.get("unidirectional", 0) else None,
+                           additive=_arg(node, 5))
     _attend(w, q, k, v, scale=scale, bias=bias_sum, out=node.output[0])
 
 
@@ -474,29 +481,19 @@ def _multi_head_attention(w: _Writer, node: onnx.NodeProto) -> None:
         query, key, value = (w.op("Add", t, w.weight(b_value[i * d:(i + 1) * d]))
                              for i, t in enumerate((query, key, value)))
     q, k, v = _heads(w, query, heads), _heads(w, key, heads), _heads(w, value, heads)
-    past_k, past_v = _arg(node, 6), _arg(node, 7)
-    if past_k and past_v:
-        k, v = w.op("Concat", past_k, k, axis=2), w.op("Concat", past_v, v, axis=2)
-    if _out(node, 1):
-        w.op("Identity", k, out=node.output[1])
-    if _out(node, 2):
-        w.op("Identity", v, out=node.output[2])
+    k, v = _after_past(w, node, k, v, _arg(node, 6), _arg(node, 7))
     queries, keys = _length(w, node.input[0], 1), _length(w, k, 2)
-    filter_value = float(a.get("mask_filter_value", MASK_FILTER_VALUE))
-    keep = _mask_keep(w, node.input[4], keys, "key padding mask", node.input[0]) if _arg(node, 4) else None
-    if a.get("unidirectional", 0):
-        causal = _causal_keep(w, queries, keys)
-        keep = causal if keep is None else w.op("And", keep, causal)
-    biases = [_where_kept(w, keep, filter_value)] if keep is not None else []
-    if _arg(node, 5):
-        biases.append(node.input[5])
+    bias_sum = _score_bias(
+        w, float(a.get("mask_filter_value", MASK_FILTER_VALUE)),
+        keep=_mask_keep(w, node.input[4], keys, "key padding mask", node.input[0]) if _arg(node, 4) else None,
+        causal=_causal_keep(w, queries, keys) if a.get("unidirectional", 0) else None, additive=_arg(node, 5))
     scale = float(a.get("scale", 0.0))
     if not scale:
         width = w.shape(node.input[0])[-1]
         if not isinstance(width, int):
             raise Unsupported("its hidden size is not static")
         scale = 1.0 / math.sqrt(width // heads)
-    _attend(w, q, k, v, scale=scale, bias=w.add(*biases) if biases else None, out=node.output[0])
+    _attend(w, q, k, v, scale=scale, bias=bias_sum, out=node.output[0])
 
 
 #: the score bias of masked positions where the standard op says −inf (a finite value keeps
@@ -522,12 +519,7 @@ def _standard_attention(w: _Writer, node: onnx.NodeProto) -> None:
     else:
         heads, kv_heads = w.shape(q)[1], w.shape(k)[1]
         head_size = w.shape(q)[-1]
-    past_k, past_v = _arg(node, 4), _arg(node, 5)
-    if past_k and past_v:
-        k, v = w.op("Concat", past_k, k, axis=2), w.op("Concat", past_v, v, axis=2)
-    for i, t in ((1, k), (2, v)):
-        if _out(node, i):
-            w.op("Identity", t, out=node.output[i])
+    k, v = _after_past(w, node, k, v, _arg(node, 4), _arg(node, 5))
     if kv_heads != heads:
         if not (isinstance(heads, int) and isinstance(kv_heads, int)):
             raise Unsupported("head counts that are not static")
@@ -537,19 +529,12 @@ def _standard_attention(w: _Writer, node: onnx.NodeProto) -> None:
         if not isinstance(head_size, int):
             raise Unsupported("a head size that is not static")
         scale = 1.0 / math.sqrt(head_size)
-    biases, keep = [], None
     mask = _arg(node, 3)
-    if mask:
-        if w.dtype(mask) == TensorProto.BOOL:
-            keep = mask
-        else:
-            biases.append(mask)
-    if a.get("is_causal", 0):
-        causal = _causal_keep(w, _length(w, q, 2), _length(w, k, 2))
-        keep = causal if keep is None else w.op("And", keep, causal)
-    if keep is not None:
-        biases.insert(0, _where_kept(w, keep, MASKED))
-    _attend(w, q, k, v, scale=scale, bias=w.add(*biases) if biases else None, out=node.output[0],
+    boolean = mask is not None and w.dtype(mask) == TensorProto.BOOL
+    bias_sum = _score_bias(w, MASKED, keep=mask if boolean else None,
+                           causal=_causal_keep(w, _length(w, q, 2), _length(w, k, 2)) if a.get("is_causal", 0) else None,
+                           additive=None if boolean else mask)
+    _attend(w, q, k, v, scale=scale, bias=bias_sum, out=node.output[0],
             softcap=float(a.get("softcap", 0.0)), merge_heads=three_d)
 
 

@@ -19,7 +19,7 @@ from .composites import Composite, EpsilonPlusFlat
 from .emit import REGION_NAME, TARGET_NAME, ConceptSpec, emit_relevance
 from .errors import LrpcError
 from .deployed import FLOATS, analysis_twin, needs_twin, relevance_type, stitch
-from .files import check, load_model, save_model
+from .files import check, default_opset, load_model, save_model
 from .graph import Program
 from .layers import LayerTable, find_layers
 from .passes import canonize
@@ -278,7 +278,7 @@ def _deployed_file(program: Program, twin: onnx.ModelProto, relevance: str, rele
     its opset raised to the twin's where the canonizing passes raised that; ``relevance``
     in the explained tensor's own dtype unless ``relevance_dtype`` was given."""
     deployed = program.deployed
-    opset = next((o.version for o in deployed.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = default_opset(deployed)
     if opset < program.opset:
         try:
             deployed = version_converter.convert_version(deployed, program.opset)

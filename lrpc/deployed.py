@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import contrib
 from .errors import LrpcError
-from .files import all_graphs, node_reads, runtime_default_domain_ops, toposorted
+from .files import all_graphs, default_opset, node_reads, runtime_default_domain_ops, toposorted
 
 TWIN_PREFIX = "lrp/twin/"
 MS_DOMAIN = "com.microsoft"
@@ -63,12 +63,13 @@ def is_quantized_op(op: str) -> bool:
 # -- what form a model is in ------------------------------------------------------------
 
 
-def deployed_form(model: onnx.ModelProto) -> dict:
+def deployed_form(model: onnx.ModelProto, runtime_ops: set[str] | None = None) -> dict:
     """``{"quantized": bool, "half": bool, "fused": bool}``: what makes ``model`` a deployed
     form (``fused``: onnxruntime's contrib ops or opset 23's attention ops, which the
-    analysis writes out: :mod:`lrpc.contrib`)."""
+    analysis writes out: :mod:`lrpc.contrib`). ``runtime_ops``: the model's
+    :func:`~lrpc.files.runtime_default_domain_ops`, where the caller has them."""
     quantized = half = False
-    runtime_ops = runtime_default_domain_ops(model)
+    runtime_ops = runtime_default_domain_ops(model) if runtime_ops is None else runtime_ops
     fused = bool(runtime_ops)
     for graph in all_graphs(model.graph):
         fused = fused or any(contrib.writes_out(n, runtime_ops) or (contrib.is_fused_op(n.domain)
@@ -104,9 +105,9 @@ def analysis_twin(model: onnx.ModelProto, relevance_dtype: str | None = None) ->
     _constants_as_initializers(graph)
     inits = {t.name: t for t in graph.initializer}
     state = _Rewriting(graph.node)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model)
     runtime_ops = runtime_default_domain_ops(model)
-    shapes = contrib.declared_shapes(model) if deployed_form(model)["fused"] else ({}, {})
+    shapes = contrib.declared_shapes(model) if deployed_form(model, runtime_ops)["fused"] else ({}, {})
     rewritten = []
     for node in graph.node:
         written_out = contrib.write_out(node, graph, inits, opset, shapes, runtime_ops)

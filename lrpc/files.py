@@ -81,23 +81,26 @@ def check(model: onnx.ModelProto, label: str, path: Path | None = None, full: bo
         raise ModelLoadError(f"{label}: invalid ONNX model ({_first_line(exc)})") from None
 
 
-def _opset(model: onnx.ModelProto) -> int:
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default (``ai.onnx``) domain the model imports; 0 if none."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def runtime_default_domain_ops(model: onnx.ModelProto) -> set[str]:
     """Op types of ``model``'s default-domain nodes that onnx does not define at the model's
     opset and onnxruntime does (its contrib ops registered in the default domain)."""
-    opset = _opset(model)
-    unknown = set()
-    for graph in all_graphs(model.graph):
-        for node in graph.node:
-            if node.domain in ("", "ai.onnx") and node.op_type not in unknown:
-                try:
-                    onnx.defs.get_schema(node.op_type, opset, "")
-                except onnx.defs.SchemaError:
-                    unknown.add(node.op_type)
+    opset = default_opset(model)
+    types = {n.op_type for g in all_graphs(model.graph) for n in g.node if n.domain in ("", "ai.onnx")}
+    unknown = {t for t in types if not _onnx_defines(t, opset)}
     return unknown & _runtime_default_domain_schemas(opset) if unknown else set()
+
+
+def _onnx_defines(op_type: str, opset: int) -> bool:
+    try:
+        onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return False
+    return True
 
 
 def _runtime_default_domain_schemas(opset: int) -> set[str]:

@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .files import LARGE_INITIALIZER_BYTES
+from .files import LARGE_INITIALIZER_BYTES, default_opset
 
 # onnx-graphsurgeon's own warnings ("colored module is not installed", types it cannot
 # convert) and onnxruntime's optimizer warnings while folding ("UnsqueezeElimination cannot
@@ -61,7 +61,7 @@ class Program:
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> "Program":
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        opset = default_opset(model) or 1
         graph = gs.import_onnx(model)
         program = cls(graph=graph, ir_version=model.ir_version, opset=opset)
         # onnx-graphsurgeon writes any non-tensor output as a sequence of tensors; keep the

@@ -538,15 +538,15 @@ def _standard_attention(w: _Writer, node: onnx.NodeProto) -> None:
             softcap=float(a.get("softcap", 0.0)), merge_heads=three_d)
 
 
-def _rotary(w: _Writer, node: onnx.NodeProto, x: str, cos: str, sin: str, position_ids: str | None,
-            a: dict) -> None:
+def _rotary(w: _Writer, x: str, cos: str, sin: str, position_ids: str | None, a: dict,
+            out: str | None = None, rank: int | None = None) -> str:
     """``x₁·cos − x₂·sin, x₁·sin + x₂·cos`` on the first ``rotary_embedding_dim`` features
     of each head (halves, or even/odd features when ``interleaved``), the rest as it is; ``x``
     is ``[B, N, S, h]`` or ``[B, S, N·h]``. Linear in ``x``: relevance follows each term."""
     cos_cache = cos
     if position_ids is not None:
         cos, sin = w.op("Gather", cos, position_ids), w.op("Gather", sin, position_ids)
-    three_d = w.rank(x) == 3
+    three_d = (rank or w.rank(x)) == 3
     if three_d:
         x = w.op("Reshape", x, w.ints(0, 0, int(a["num_heads"]), -1))  # [B, S, N, h]
     cos, sin = (w.op("Unsqueeze", t, w.ints(2 if three_d else 1)) for t in (cos, sin))
@@ -570,14 +570,13 @@ def _rotary(w: _Writer, node: onnx.NodeProto, x: str, cos: str, sin: str, positi
     else:
         rotated = w.op("Concat", real, imag, axis=-1)
     rest = w.op("Slice", x, w.ints(rotated_dim), w.ints(2 ** 62), w.ints(-1))
-    y = w.op("Concat", rotated, rest, axis=-1, out=None if three_d else node.output[0])
-    if three_d:
-        w.op("Reshape", y, w.ints(0, 0, -1), out=node.output[0])
+    y = w.op("Concat", rotated, rest, axis=-1, out=None if three_d else out)
+    return w.op("Reshape", y, w.ints(0, 0, -1), out=out) if three_d else y
 
 
 def _standard_rotary(w: _Writer, node: onnx.NodeProto) -> None:
     """Opset 23's ``RotaryEmbedding(X, cos_cache, sin_cache, position_ids)``."""
-    _rotary(w, node, node.input[0], node.input[1], node.input[2], _arg(node, 3), _attrs(node))
+    _rotary(w, node.input[0], node.input[1], node.input[2], _arg(node, 3), _attrs(node), out=node.output[0])
 
 
 def _contrib_rotary(w: _Writer, node: onnx.NodeProto) -> None:
@@ -590,8 +589,64 @@ def _contrib_rotary(w: _Writer, node: onnx.NodeProto) -> None:
         raise Unsupported("a position offset instead of position ids")
     if w.rank(node.input[0]) == 3 and not a.get("num_heads"):
         raise Unsupported("a [B, S, N·h] input without num_heads")
-    _rotary(w, node, node.input[0], node.input[2], node.input[3], node.input[1], a)
+    _rotary(w, node.input[0], node.input[2], node.input[3], node.input[1], a, out=node.output[0])
 
+
+
+def _group_query_attention(w: _Writer, node: onnx.NodeProto) -> None:
+    """``com.microsoft.GroupQueryAttention``, onnxruntime-genai's decoder attention: query,
+    key and value as ``[B, S, N·h]`` (or packed in the query), ``kv_num_heads`` key/value
+    heads, rotary embedding inside (``do_rotary``), a past key/value cache (``[B, Nk, P, h]``,
+    the present is the past followed by the new keys), causal with an optional local window,
+    softcap and an additive bias. ``seqlens_k[b] + 1`` is the row's total length ``T_b``: its
+    queries sit at positions ``max(T_b − S, 0) + s`` (a prompt starts at 0, a step after the
+    past) and see the keys at those positions or before, the last ``local_window_size`` of them
+    with a window. The present is the concatenation: a past as long as the cache's rows, as
+    onnxruntime-genai feeds on CPU (a buffer shared with the present, or rows of unequal
+    lengths in a batch, are not what it computes)."""
+    a = _attrs(node)
+    if a.get("kv_cache_bit_width", 0) or a.get("smooth_softmax", 0) or a.get("sliding_window_cache", 0) \
+            or _out(node, 3) or any(_arg(node, i) for i in (11, 12, 13, 14, 15, 16)) \
+            or any(_text(a.get(t, b"NONE")) != "NONE" for t in ("k_quant_type", "v_quant_type")):
+        raise Unsupported("a quantized or shared-window cache, head sinks, smooth softmax, Q/K norms, "
+                          "query_seqlens or output_qk")
+    heads, kv_heads = int(a["num_heads"]), int(a["kv_num_heads"])
+    query, key, value = node.input[0], _arg(node, 1), _arg(node, 2)
+    width = w.shape(query)[-1]
+    if not isinstance(width, int):
+        raise Unsupported("a hidden size that is not static")
+    if key is None:  # packed: [Q | K | V] along the features
+        head_size = width // (heads + 2 * kv_heads)
+        q_end, k_end = heads * head_size, (heads + kv_heads) * head_size
+        query, key, value = (w.last_slice(query, 0, q_end), w.last_slice(query, q_end, k_end),
+                             w.last_slice(query, k_end, width))
+    else:
+        head_size = width // heads
+    q, k, v = _heads(w, query, heads), _heads(w, key, kv_heads), _heads(w, value, kv_heads)
+    queries = _length(w, node.input[0], 1)
+    totals = w.op("Add", w.op("Cast", node.input[5], to=TensorProto.INT64), w.const(1, np.int64))  # [B]
+    offsets = w.op("Max", w.op("Sub", totals, queries), w.const(0, np.int64))
+    s = w.op("Range", w.const(0, np.int64), queries, w.const(1, np.int64))
+    positions = w.op("Add", w.op("Unsqueeze", offsets, w.ints(1)), w.op("Unsqueeze", s, w.ints(0)))  # [B, S]
+    if a.get("do_rotary", 0):
+        rotary = {"interleaved": a.get("rotary_interleaved", 0)}
+        ids = _arg(node, 9) or positions
+        q, k = (_rotary(w, t, node.input[7], node.input[8], ids, rotary, rank=4) for t in (q, k))
+    k, v = _after_past(w, node, k, v, _arg(node, 3), _arg(node, 4))
+    t = w.op("Range", w.const(0, np.int64), _length(w, k, 2), w.const(1, np.int64))
+    key_at, query_at = w.op("Unsqueeze", t, w.ints(0, 1)), w.op("Unsqueeze", positions, w.ints(2))  # [1,1,T], [B,S,1]
+    if a.get("causal", 1):
+        keep = w.op("LessOrEqual", key_at, query_at)
+        window = int(a.get("local_window_size", -1))
+        if window > 0:  # the query and the window − 1 keys before it
+            keep = w.op("And", keep, w.op("Greater", key_at, w.op("Sub", query_at, w.const(window, np.int64))))
+    else:
+        keep = w.op("Less", key_at, w.op("Unsqueeze", totals, w.ints(1, 2)))
+    bias = _score_bias(w, MASKED, keep=w.op("Unsqueeze", keep, w.ints(1)), additive=_arg(node, 10))
+    groups = heads // kv_heads
+    k, v = _repeat_heads(w, k, groups), _repeat_heads(w, v, groups)
+    scale = float(a.get("scale", 0.0)) or 1.0 / math.sqrt(head_size)
+    _attend(w, q, k, v, scale=scale, bias=bias, out=node.output[0], softcap=float(a.get("softcap", 0.0)))
 
 # -- the table --------------------------------------------------------------------------
 
@@ -618,6 +673,7 @@ DECOMPOSITIONS: dict[tuple[str, str], Decomposition] = {
     (MS_DOMAIN, "FusedMatMul"): _fused_matmul,
     (MS_DOMAIN, "Attention"): _attention,
     (MS_DOMAIN, "MultiHeadAttention"): _multi_head_attention,
+    (MS_DOMAIN, "GroupQueryAttention"): _group_query_attention,
     (MS_DOMAIN, "RotaryEmbedding"): _contrib_rotary,
 }
 

@@ -174,7 +174,30 @@ CASES = {
     "RotaryEmbedding-contrib": lambda: _model(
         "RotaryEmbedding", {"x": _x(B, S, N * 8), "positions": rng.integers(0, 16, (B, S)).astype(np.int64)},
         {"cos": _x(16, 4), "sin": _x(16, 4)}, ["y"], num_heads=N),
+    # onnxruntime-genai's decoder attention; seqlens_k is each row's total length − 1
+    "GroupQueryAttention-prompt-rotary": lambda: _gqa(S, past=0, do_rotary=1),
+    "GroupQueryAttention-empty-past-packed": lambda: _gqa(S, past=0, packed=True, empty_past=True),
+    "GroupQueryAttention-step-after-past": lambda: _gqa(1, past=4, do_rotary=1, rotary_interleaved=1),
+    "GroupQueryAttention-chunk-after-past-window-softcap": lambda: _gqa(3, past=4, local_window_size=2, softcap=1.5, batch=1),
+    "GroupQueryAttention-bias-scale-mqa": lambda: _gqa(S, past=0, kv_heads=1, bias=True, scale=0.4),
 }
+
+
+def _gqa(queries: int, past: int, kv_heads: int = 2, packed: bool = False, empty_past: bool = False,
+         bias: bool = False, batch: int = B, **attrs) -> tuple[onnx.ModelProto, dict]:
+    heads, h = 4, 16  # the kernel wants head sizes in multiples of 16 with rotary
+    total = past + queries
+    q, k, v = (_x(batch, queries, n * h) * c for n, c in ((heads, 2), (kv_heads, 2), (kv_heads, 1)))
+    inputs = {"q": np.concatenate([q, k, v], -1), "1:k": None, "2:v": None} if packed else {"q": q, "k": k, "v": v}
+    if past or empty_past:
+        inputs |= {"3:past_key": _x(batch, kv_heads, past, h), "4:past_value": _x(batch, kv_heads, past, h)}
+    inputs |= {"5:seqlens_k": np.full(batch, total - 1, np.int32), "6:total_sequence_length": np.array(total, np.int32)}
+    if attrs.get("do_rotary"):
+        inputs |= {"7:cos": np.cos(_x(16, h // 2)), "8:sin": np.sin(_x(16, h // 2))}
+    if bias:
+        inputs |= {"10:attention_bias": _x(1, heads, queries, total)}
+    outputs = ["y", "present_key", "present_value"]
+    return _model("GroupQueryAttention", inputs, {}, outputs, num_heads=heads, kv_num_heads=kv_heads, **attrs)
 
 
 def _gelu(x):

@@ -277,7 +277,7 @@ def _deployed_file(program: Program, twin: onnx.ModelProto, relevance: str, rele
     """The deployed model's own forward in front of the compiled twin (lrpc.deployed.stitch),
     its opset raised to the twin's where the canonizing passes raised that; ``relevance``
     in the explained tensor's own dtype unless ``relevance_dtype`` was given."""
-    deployed = program.deployed
+    deployed = _without_stale_shapes(program.deployed)
     opset = default_opset(deployed)
     if opset < program.opset:
         try:
@@ -290,6 +290,25 @@ def _deployed_file(program: Program, twin: onnx.ModelProto, relevance: str, rele
         explained = _declared_type(deployed, program.explained_name)
         out_type = explained if explained in FLOATS else None
     return stitch(deployed, twin, relevance, out_type)
+
+
+def _without_stale_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or, when its intermediate shape annotations contradict what its ops make
+    (onnxruntime-genai's builder declares a ``[1]`` constant a scalar; onnxruntime ignores
+    such hints), ``model`` without them: the compiled file must pass the full check."""
+    try:
+        check(model, "the model", full=True)
+        return model
+    except LrpcError:
+        pass
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    del stripped.graph.value_info[:]
+    try:
+        check(stripped, "the model", full=True)
+    except LrpcError:
+        return model  # not the hints: the caller names what the checker says
+    return stripped
 
 
 def _declared_type(model: onnx.ModelProto, name: str) -> int | None:

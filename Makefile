@@ -8,6 +8,10 @@ STAMP   = $(VENV)/.installed
 # lrpc serve's environment: PyTriton pins numpy<2, the main one has numpy 2
 SERVE_VENV  ?= .venv-serve
 SERVE_STAMP  = $(SERVE_VENV)/.installed
+# the deploy tools the tests make transformer files with (optimum, onnxruntime-genai's
+# builder), whose transformers pin clashes with the main one: tests/deploy-requirements.txt
+DEPLOY_VENV  ?= .venv-deploy
+DEPLOY_STAMP  = $(DEPLOY_VENV)/.installed
 DEMO    = examples/digits
 
 .PHONY: demo test bench install clean
@@ -33,7 +37,14 @@ $(SERVE_STAMP): pyproject.toml
 	$(SERVE_VENV)/bin/python -m pip install -q -e '.[cpu,serve]'
 	touch $(SERVE_STAMP)
 
-install: $(STAMP) $(SERVE_STAMP)
+$(DEPLOY_STAMP): tests/deploy-requirements.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DEPLOY_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(DEPLOY_VENV)/bin/python -m pip install -q -r tests/deploy-requirements.txt
+	touch $(DEPLOY_STAMP)
+
+install: $(STAMP) $(SERVE_STAMP) $(DEPLOY_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lrpc check $(DEMO)/digits_cnn.onnx
@@ -42,8 +53,8 @@ demo: $(STAMP)
 	$(VENV)/bin/lrpc compile $(DEMO)/digits_cnn.onnx -o demo_model/digits_cnn.lrp.onnx --composite EpsilonPlus
 	$(VENV)/bin/lrpc explain demo_model/digits_cnn.lrp.onnx $(DEMO)/samples.npy -o demo_out --scale 16 --overview
 
-test: $(STAMP) $(SERVE_STAMP)
-	LRPC_SERVE_PYTHON=$(SERVE_VENV)/bin/python $(PY) -m pytest -n 2 tests
+test: $(STAMP) $(SERVE_STAMP) $(DEPLOY_STAMP)
+	LRPC_SERVE_PYTHON=$(SERVE_VENV)/bin/python LRPC_DEPLOY_PYTHON=$(DEPLOY_VENV)/bin/python $(PY) -m pytest -n 2 tests
 
 bench: $(STAMP) $(SERVE_STAMP)
 	$(PY) benchmarks/run.py --output BENCHMARKS.md
@@ -56,4 +67,4 @@ bench: $(STAMP) $(SERVE_STAMP)
 	$(PY) benchmarks/serve_load.py --serve-python $(SERVE_VENV)/bin/python --output BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) demo_out demo_model .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) $(DEPLOY_VENV) demo_out demo_model .pytest_cache

@@ -1,0 +1,198 @@
+"""Transformers as the deploy tools write them: optimum's ``main_export`` (decoders as
+``text-generation-with-past``, with ``past_key_values.*`` inputs and ``present.*`` outputs)
+and onnxruntime-genai's model builder (fp32: ``GroupQueryAttention`` with rotary embeddings
+and a KV cache inside, ``SkipSimplifiedLayerNormalization``, packed QKV projections).
+
+The tools live in their own environment (``make test`` builds ``.venv-deploy`` and names its
+interpreter in ``LRPC_DEPLOY_PYTHON``; see ``support/deploy_tools.py``), which writes each
+tiny random-weight model's Hugging Face folder and its deployed forms once per cache key.
+The reference is the plain torch.onnx export (opset 17) of the same folder, made here.
+
+Same weights, same relevance: each form's relevance (at the embedding output for tokens)
+equals the reference's within 1e-4 relative at ε = 1e-9 under AttnLRP and CP-LRP, with an
+empty past; with a given past (treated as constants) the two decoder forms agree with each
+other. The compiled file's outputs are the form's own."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import lrpc
+from support import deploy_tools as tools
+from support.export import _quiet
+from support.runtimes import onnxruntime_run as _run, relative_error as _relative
+
+EPSILON = 1e-9
+TOLERANCE = 1e-4
+BATCH, SEQUENCE = 2, 7
+#: what each form must hold, so that no test passes on a file the tool did not transform
+FUSED = {"genai": {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}}
+CASES = [(name, "optimum") for name in tools.DECODERS + tools.ENCODERS] + [(name, "genai") for name in tools.GENAI]
+
+
+def _deploy_python() -> str:
+    python = os.environ.get("LRPC_DEPLOY_PYTHON")
+    assert python and Path(python).exists(), (
+        "LRPC_DEPLOY_PYTHON must name the interpreter of the deploy-tools environment (make test builds .venv-deploy)")
+    return python
+
+
+@functools.lru_cache(maxsize=None)
+def _forms() -> Path:
+    """The folder the deploy tools wrote, keyed by their script and the environment's
+    interpreter (cached on disk across runs and workers)."""
+    from filelock import FileLock
+
+    python = _deploy_python()
+    script = Path(tools.__file__)
+    key = hashlib.sha256(script.read_bytes() + os.path.realpath(python).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LRPC_TEST_CACHE", Path(tempfile.gettempdir()) / "lrpc-test-exports"))
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"deploy-forms-{key}"
+    names = tools.DECODERS + tools.ENCODERS
+    with FileLock(str(folder) + ".lock"):
+        missing = [n for n in names if not (folder / n / "done.json").exists()]
+        if missing:
+            done = subprocess.run([python, str(script), str(folder), *missing], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+def _form(name: str, form: str) -> Path:
+    return _forms() / name / form / "model.onnx"
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name: str) -> bytes:
+    """The plain torch.onnx export (opset 17) of the tool's weights: ``input_ids`` and
+    ``attention_mask`` (or ``pixel_values``) → ``logits``."""
+    import transformers as t
+
+    folder = _forms() / name / "hf"
+    auto = (t.AutoModelForImageClassification if name == "vit" else
+            t.AutoModelForCausalLM if name in tools.DECODERS else t.AutoModelForSequenceClassification)
+    model = auto.from_pretrained(folder, attn_implementation="eager").eval()
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            if name == "vit":
+                return self.model(pixel_values=args[0]).logits
+            extra = {"use_cache": False} if name in tools.DECODERS else {}
+            return self.model(input_ids=args[0], attention_mask=args[1], **extra).logits
+
+    feeds = _feeds(name)
+    names = ["pixel_values"] if name == "vit" else ["input_ids", "attention_mask"]
+    args = tuple(torch.from_numpy(feeds[n]) for n in names)
+    axes = {n: {0: "batch"} if name == "vit" else {0: "batch", 1: "sequence"} for n in names}
+    axes["logits"] = {0: "batch", 1: "sequence"} if name in tools.DECODERS else {0: "batch"}  # a sequence's logits
+    with tempfile.TemporaryDirectory() as directory, _quiet(), torch.no_grad():
+        path = os.path.join(directory, "plain.onnx")
+        torch.onnx.export(Plain().eval(), args, path, dynamo=False, opset_version=17, input_names=names,
+                          output_names=["logits"], dynamic_axes=axes)
+        return Path(path).read_bytes()
+
+
+def _feeds(name: str) -> dict:
+    """Ids (encoders: the last sample's last two positions padded) with their mask, or pixels."""
+    rng = np.random.default_rng(1)
+    if name == "vit":
+        return {"pixel_values": rng.standard_normal((BATCH, 3, 16, 16)).astype(np.float32)}
+    ids = rng.integers(3, tools.VOCAB, (BATCH, SEQUENCE)).astype(np.int64)
+    mask = np.ones_like(ids)
+    if name in tools.ENCODERS:
+        mask[-1, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _inputs_of(model: onnx.ModelProto, name: str, feeds: dict, past: dict | None = None) -> dict:
+    """``feeds`` completed for a file's inputs: zero token types, positions 0…S−1 after the
+    past, and the past (empty unless given: ``[B, heads, 0, head size]``)."""
+    out = {}
+    for vi in model.graph.input:
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if vi.name in feeds:
+            out[vi.name] = feeds[vi.name]
+        elif vi.name == "token_type_ids":
+            out[vi.name] = np.zeros_like(feeds["input_ids"])
+        elif vi.name == "position_ids":
+            ids = feeds["input_ids"]
+            start = feeds["attention_mask"].shape[1] - ids.shape[1]
+            out[vi.name] = np.tile(np.arange(start, start + ids.shape[1]), (ids.shape[0], 1))
+        elif vi.name.startswith("past_key_values"):  # [B, key/value heads, P, head size]
+            empty = np.zeros((len(feeds["input_ids"]), tools.KV_HEADS.get(name, 2), 0, tools.HIDDEN // 4), np.float32)
+            out[vi.name] = (past or {}).get(vi.name, empty)
+        elif vi.name in {i.name for i in model.graph.initializer}:
+            continue
+        else:
+            raise KeyError(vi.name)
+    return out
+
+
+def _explain(model, name: str, feeds: dict, preset: str):
+    compiled = lrpc.compile(model, getattr(lrpc, preset)(epsilon=EPSILON), normalize_output_relevance=False,
+                            verbose=False)
+    names = [o.name for o in compiled.graph.output]
+    outputs = dict(zip(names, _run(compiled, _inputs_of(compiled, name, feeds))))
+    return outputs.pop("relevance"), outputs
+
+
+@pytest.mark.parametrize("preset", ["AttnLRP", "CPLRP"])
+@pytest.mark.parametrize("name, form", CASES)
+def test_deployed_form_has_the_plain_exports_relevance(name, form, preset):
+    path = _form(name, form)
+    model = onnx.load(path)
+    assert FUSED.get(form, set()) <= {n.op_type for n in model.graph.node}
+    feeds = _feeds(name)
+    relevance, outputs = _explain(str(path), name, feeds, preset)
+    own = dict(zip([o.name for o in model.graph.output], _run(model, _inputs_of(model, name, feeds))))
+    assert outputs.keys() == own.keys()
+    for key, value in own.items():  # the file's own outputs, the KV cache's present included
+        assert outputs[key].shape == value.shape and _relative(outputs[key], value) < 1e-5, key
+    want, plain = _explain(_reference(name), name, feeds, preset)
+    assert _relative(outputs["logits"], plain["logits"]) < 1e-5
+    assert relevance.shape == want.shape and np.abs(want).max() > 0
+    assert _relative(relevance, want) < TOLERANCE
+
+
+PROMPT = 4  # the past's length in the given-past case
+
+
+@pytest.mark.parametrize("name", tools.GENAI)
+def test_a_given_past_is_held_constant_alike_in_both_decoder_forms(name):
+    """The API explains the next tokens after a given KV cache (the prompt's ``present.*``,
+    fed back as ``past_key_values.*``): the cache is a constant, relevance goes to the new
+    tokens only. The genai builder's GroupQueryAttention and optimum's export of the model's
+    own attention, each with its own cache, give the same relevance and the files' logits."""
+    feeds = {k: v[:1] for k, v in _feeds(name).items()}  # the kernel takes a chunk after a past at batch 1
+    prompt = {"input_ids": feeds["input_ids"][:, :PROMPT], "attention_mask": feeds["attention_mask"][:, :PROMPT]}
+    step = {"input_ids": feeds["input_ids"][:, PROMPT:], "attention_mask": feeds["attention_mask"]}
+    results = {}
+    for form in ("optimum", "genai"):
+        model = onnx.load(_form(name, form))
+        first = dict(zip([o.name for o in model.graph.output], _run(model, _inputs_of(model, name, prompt))))
+        past = {f"past_key_values{k[len('present'):]}": v for k, v in first.items() if k.startswith("present")}
+        compiled = lrpc.compile(model, lrpc.AttnLRP(epsilon=EPSILON), normalize_output_relevance=False,
+                                verbose=False)
+        outputs = dict(zip([o.name for o in compiled.graph.output],
+                           _run(compiled, _inputs_of(compiled, name, step, past))))
+        own = _run(model, _inputs_of(model, name, step, past))[0]
+        assert _relative(outputs["logits"], own) < 1e-5
+        results[form] = outputs
+    relevance = results["genai"]["relevance"]
+    assert relevance.shape == (1, SEQUENCE - PROMPT, tools.HIDDEN) and np.abs(relevance).max() > 0
+    assert _relative(results["genai"]["logits"], results["optimum"]["logits"]) < 1e-5
+    assert _relative(relevance, results["optimum"]["relevance"]) < TOLERANCE

@@ -413,6 +413,38 @@ def test_constant_pad():
     check_chain(model, rand(2, 3, 3, 3), [(fn, "eps"), (flat, "eps")], target=[14, 50])
 
 
+def test_pad_with_amounts_computed_at_run_time_and_a_crop():
+    """Swin's window padding as exporters write it: pads from Shape arithmetic (up to the
+    next multiple of 3 on dynamic H and W), then a negative pad (a crop) given with axes."""
+    ints = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
+    model = build(
+        [
+            helper.make_node("Shape", ["x"], ["shape"], start=2),
+            helper.make_node("Mod", ["shape", "three"], ["rest"]),
+            helper.make_node("Sub", ["three", "rest"], ["short"]),
+            helper.make_node("Mod", ["short", "three"], ["ends"]),
+            helper.make_node("Concat", ["zeros", "ends"], ["pads"], axis=0),
+            helper.make_node("Pad", ["x", "pads", "value"], ["padded"], mode="constant"),
+            helper.make_node("Pad", ["padded", "crop", "", "axes"], ["y"], mode="constant"),
+            helper.make_node("GlobalAveragePool", ["y"], ["pooled"]),
+            flatten("pooled"),
+        ],
+        {"three": ints(3, 3), "zeros": ints(0, 0, 0, 0, 0, 0), "value": np.array(0.5, np.float32),
+         "crop": ints(-1, 0), "axes": ints(3)},
+        (2, 3, 5, 4), opset=18,
+    )
+    for d, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], ("H", "W")):
+        d.dim_param = name
+
+    def fn(x):
+        short_h, short_w = (3 - x.shape[2] % 3) % 3, (3 - x.shape[3] % 3) % 3
+        return F.pad(x, (0, short_w, 0, short_h), value=0.5)[..., 1:]
+
+    pool = lambda y: y.mean((2, 3))  # noqa: E731
+    for shape in ((2, 3, 5, 4), (2, 3, 6, 7)):
+        check_chain(model, rand(*shape), [(fn, "eps"), (pool, "eps")])
+
+
 @pytest.mark.parametrize("mode", ["asymmetric", "half_pixel"])
 def test_resize_nearest_integer_scale(mode):
     nearest = "floor" if mode == "asymmetric" else "round_prefer_floor"

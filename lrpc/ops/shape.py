@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import constant_value, static_shape
+from ..graph import static_shape
 from ..spec import Kind, OpSpec, first_input_only, identity_route, identity_vjp, text_attr, vjp_route
 from .elementwise import unbroadcast
 from .pooling import reshape_back
@@ -97,40 +97,26 @@ def _slice_check(node: gs.Node, acts: list[int]) -> str | None:
     return first_input_only(node, acts)
 
 
-def _pad_amounts(node: gs.Node):
-    pads = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
-    if pads is None:
-        return None
-    rank = len(static_shape(node.inputs[0]))
-    axes = constant_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
-    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
-    begin = np.zeros(rank, dtype=np.int64)
-    begin[axes] = pads[: len(axes)]
-    end = np.zeros(rank, dtype=np.int64)
-    end[axes] = pads[len(axes):]
-    return begin, end
-
-
 def _pad_check(node: gs.Node, acts: list[int]) -> str | None:
+    # pads may be computed from shapes at run time (Swin's window padding): the VJP negates them
     if acts != [0]:
         return "relevance must enter through the data input"
     if text_attr(node, "mode", "constant") != "constant":
         return f"only constant padding is supported (got mode {text_attr(node, 'mode', '')!r})"
     if static_shape(node.inputs[0]) is None:
         return "input rank is unknown"
-    amounts = _pad_amounts(node)
-    if amounts is None:
-        return "its pads are not constant"
-    if (amounts[0] < 0).any() or (amounts[1] < 0).any():
-        return "negative pads (cropping) are not supported"
     return None
 
 
 def _pad_vjp(em, layer, inputs, params, s):
-    """The padded border took no input: the VJP crops it off again."""
-    begin, _ = _pad_amounts(layer.node)
-    ends = em.op("Add", [em.ints(begin), em.shape_of(layer.act())], dtype=np.int64)
-    return [em.sym(em.op("Slice", [s, em.ints(begin), ends], dtype=em.dtype))]
+    """The padded border took no input: padding by the negated amounts crops it off again
+    (and where the pads were negative, a crop, pads the cut-off part back with zeros).
+    The amounts are the forward's own tensor, so pads computed at run time replay."""
+    node = layer.node
+    back = [s, em.op("Neg", [node.inputs[1]], dtype=np.int64)]
+    if len(node.inputs) > 3 and node.inputs[3].name:  # opset 18's axes
+        back += [em.const(0.0), node.inputs[3]]
+    return [em.sym(em.op("Pad", back, {"mode": "constant"}, dtype=em.dtype))]
 
 
 def _expand_check(node: gs.Node, acts: list[int]) -> str | None:

@@ -89,6 +89,8 @@ def test_matmul_constant_right_and_left():
     check_chain(model, rand(6, 3), [(lambda x: t(a) @ x, "eps")])
 
 
+W64 = rand(6, 4)
+
 # -- elementwise with constants --------------------------------------------------------
 
 C311 = rand(3, 1, 1, positive=True)
@@ -411,6 +413,40 @@ def test_constant_pad():
     fn = lambda x: F.pad(x, (2, 1, 1, 2), value=0.5)  # noqa: E731
     # targets inside the input (a padded position's relevance goes to the pad value)
     check_chain(model, rand(2, 3, 3, 3), [(fn, "eps"), (flat, "eps")], target=[14, 50])
+
+
+def test_div_by_a_divisor_computed_from_shapes():
+    """DeBERTa's score scale, √(3·d) with d read from the activation's Shape at run time:
+    an elementwise scaling (the divisor is a constant for relevance)."""
+    model = build(
+        [
+            helper.make_node("Shape", ["x"], ["shape"], start=-1),
+            helper.make_node("Cast", ["shape"], ["size"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["size", "three"], ["scaled"]),
+            helper.make_node("Sqrt", ["scaled"], ["scale"]),
+            helper.make_node("Div", ["x", "scale"], ["y"]),
+            helper.make_node("MatMul", ["y", "w"], ["logits"]),
+        ],
+        {"three": np.array([3.0], np.float32), "w": W64}, (3, 6),
+    )
+    check_chain(model, rand(3, 6), [(lambda x: x / np.sqrt(18.0), "eps"), (lambda y: y @ t(W64), "eps")])
+
+
+def test_div_of_two_activations_is_refused_by_name():
+    model = build([helper.make_node("Div", ["x", "x"], ["y"]), helper.make_node("MatMul", ["y", "w"], ["logits"])],
+                  {"w": W64}, (3, 6))
+    with pytest.raises(lrpc.UnsupportedModelError, match="division of two activations"):
+        lrpc.compile(model)
+
+
+def test_gather_elements_routes_relevance_back_to_the_picked_elements():
+    """DeBERTa's disentangled attention picks each score by a relative-position index
+    (repeated and skipped elements included)."""
+    index = np.array([[0, 0, 5, 2, 1, 3]] * 3, dtype=np.int64)
+    model = build([helper.make_node("GatherElements", ["x", "index"], ["y"], axis=1),
+                   helper.make_node("MatMul", ["y", "w"], ["logits"])], {"index": index, "w": W64}, (3, 6))
+    pick = lambda x: torch.gather(x, 1, torch.from_numpy(index))  # noqa: E731
+    check_chain(model, rand(3, 6), [(pick, "eps"), (lambda y: y @ t(W64), "eps")])
 
 
 def test_pad_with_amounts_computed_at_run_time_and_a_crop():

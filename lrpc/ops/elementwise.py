@@ -63,6 +63,21 @@ def _mul_vjp(em, layer, inputs, params, s):
     return [unbroadcast(em, s * factors[1 - slot], layer, slot) for slot in layer.acts]
 
 
+# -- Div: by a divisor computed at run time (a constant one is a Mul by then) -------------
+
+
+def _div_vjp(em, layer, inputs, params, s):
+    """d(a/c)/da = 1/c: the divisor (DeBERTa's √(3·d) from the head size's Shape, a
+    count) reaches no relevance, so the op is an elementwise scaling."""
+    return [unbroadcast(em, s / em.sym(layer.node.inputs[1]), layer, 0)]
+
+
+def _div_check(node: gs.Node, acts: list[int]) -> str | None:
+    if acts != [0]:
+        return "relevance cannot pass a divisor that depends on the input (a division of two activations)"
+    return None
+
+
 # -- Where: relevance goes to the branch each position took --------------------------------
 
 
@@ -105,6 +120,7 @@ SPECS = [
     OpSpec("Add", Kind.MERGE, _add_vjp, params=other_operand("bias")),
     OpSpec("Sub", Kind.MERGE, _sub_vjp, params=other_operand("bias")),
     OpSpec("Sum", Kind.MERGE, _add_vjp),
+    OpSpec("Div", Kind.AFFINE, _div_vjp, check=_div_check),
     OpSpec("Neg", Kind.AFFINE, _neg_vjp, check=first_input_only),
     OpSpec("Mul", Kind.AFFINE, _mul_vjp, params=other_operand("weight"), blocks=_is_gate, multilinear=True,
            gate=gate_slot),

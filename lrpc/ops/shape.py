@@ -87,6 +87,14 @@ def _gather_vjp(em, layer, inputs, params, s):
                                                              dtype=np.int64))
 
 
+def _gather_elements_vjp(em, layer, inputs, params, s):
+    """GatherElements on an activation (DeBERTa's relative-position scores picked by
+    integer indices): routing, like Gather, scatter-added back where each value came from."""
+    axis = int(layer.node.attrs.get("axis", 0))
+    return _scatter_back(em, layer, s, lambda index: em.op("GatherElements", [index, layer.node.inputs[1]],
+                                                             {"axis": axis}, dtype=np.int64))
+
+
 def _expand_vjp(em, layer, inputs, params, s):
     """Broadcasting copies: the copies' relevance sums back onto the original."""
     return [unbroadcast(em, s, layer, 0)]
@@ -140,6 +148,7 @@ SPECS = [
     OpSpec("Split", Kind.ROUTING, route_outputs=_split_route, check=_split_check),
     OpSpec("Slice", Kind.RESHAPING, _slice_vjp, route=vjp_route, check=_slice_check),
     OpSpec("Gather", Kind.RESHAPING, _gather_vjp, route=vjp_route, check=first_input_only),
+    OpSpec("GatherElements", Kind.RESHAPING, _gather_elements_vjp, route=vjp_route, check=first_input_only),
     OpSpec("Expand", Kind.RESHAPING, _expand_vjp, route=vjp_route, check=_expand_check),
     OpSpec("Pad", Kind.RESHAPING, _pad_vjp, route=vjp_route, check=_pad_check),
     OpSpec("Reshape", Kind.RESHAPING, _reshape_vjp, route=vjp_route, check=first_input_only),

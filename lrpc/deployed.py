@@ -769,6 +769,9 @@ def stitch(deployed: onnx.ModelProto, compiled: onnx.ModelProto, relevance: str 
                 node.name = TWIN_PREFIX + node.name
         for t in [*g.initializer, *g.value_info]:
             t.name = rename.get(t.name, t.name)
+        if g is not twin:  # an If/Loop body's own inputs and outputs follow its nodes
+            for t in [*g.input, *g.output]:
+                t.name = rename.get(t.name, t.name)
     if retype:
         casts.append(helper.make_node("Cast", [rename[relevance]], [relevance], name=f"{TWIN_PREFIX}cast/{relevance}",
                                       to=relevance_type_out))

@@ -28,10 +28,12 @@ from pathlib import Path
 VOCAB = 101
 HIDDEN = 64
 DECODERS = ("gpt2", "llama", "qwen2", "mistral", "phi3")
-ENCODERS = ("bert", "distilbert", "roberta", "albert", "vit")
+ENCODERS = ("bert", "distilbert", "roberta", "deberta", "albert", "vit", "swin")
+#: models that take pixels
+IMAGES = ("vit", "swin")
 #: optimum's task per model
 TASKS = {**{n: "text-generation-with-past" for n in DECODERS}, **{n: "text-classification" for n in ENCODERS},
-         "vit": "image-classification"}
+         "vit": "image-classification", "swin": "image-classification"}
 #: decoders onnxruntime-genai's builder writes (it has no GPT-2)
 GENAI = ("llama", "qwen2", "mistral", "phi3")
 #: key/value heads of the decoders (4 query heads each, head size HIDDEN // 4)
@@ -55,11 +57,17 @@ def build(name: str, seed: int = 0):
             num_labels=3)),
         "roberta": lambda: t.RobertaForSequenceClassification(t.RobertaConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, max_position_embeddings=40, num_labels=3, **common)),
+        "deberta": lambda: t.DebertaV2ForSequenceClassification(t.DebertaV2Config(
+            vocab_size=VOCAB, hidden_size=HIDDEN, max_position_embeddings=32, num_labels=3, relative_attention=True,
+            pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16, **common)),
         "albert": lambda: t.AlbertForSequenceClassification(t.AlbertConfig(
             vocab_size=VOCAB, embedding_size=32, hidden_size=HIDDEN, max_position_embeddings=32, num_labels=3,
             hidden_act="gelu_new", **common)),
         "vit": lambda: t.ViTForImageClassification(t.ViTConfig(
             image_size=16, patch_size=4, num_channels=3, hidden_size=HIDDEN, num_labels=5, **common)),
+        "swin": lambda: t.SwinForImageClassification(t.SwinConfig(
+            image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+            window_size=3, num_labels=5)),
         "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4,
                                                        n_positions=64)),
         "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(num_key_value_heads=2, **decoder)),
@@ -83,7 +91,7 @@ def _save(name: str, folder: Path) -> None:
     from transformers import PreTrainedTokenizerFast, ViTImageProcessor
 
     build(name).save_pretrained(folder)
-    if name == "vit":
+    if name in IMAGES:
         ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
         return
     tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))

@@ -209,7 +209,9 @@ def emit_model(
     graph.outputs.extend(emitted.extra_outputs)
     program.unfuse()  # before cleanup: fused patterns may own the only reader of a tensor
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    proven = _proven_input_dims(program)
     out = program.to_model()
+    _declare_dims(out, proven)
     # the backward's intermediate types are for the checker only: runtimes infer them
     keep = [vi for vi in out.graph.value_info if not vi.name.startswith("lrp/")]
     del out.graph.value_info[:]
@@ -252,6 +254,7 @@ def emit_model(
         entry.key, entry.value = key, value
     if program.deployed is not None:
         out = _deployed_file(program, out, emitted.relevance.name, analysis.relevance_dtype)
+        _declare_dims(out, proven)
         try:
             check(out, "compiled model", full=True)
         except LrpcError as exc:
@@ -290,6 +293,36 @@ def _deployed_file(program: Program, twin: onnx.ModelProto, relevance: str, rele
         explained = _declared_type(deployed, program.explained_name)
         out_type = explained if explained in FLOATS else None
     return stitch(deployed, twin, relevance, out_type)
+
+
+def _proven_input_dims(program: Program) -> dict[str, list]:
+    """Input dims the file leaves symbolic that the relevance pass's shape inference proves
+    fixed: a KV cache's head size (onnxruntime-genai's ``kv_cache_dim``), read off the
+    ``Concat`` with the new keys, whose other axes must agree. Declared in the compiled
+    file, so an empty past can be built from its inputs alone (``lrpc explain``)."""
+    found = {}
+    for tensor in program.graph.inputs:
+        if not tensor.shape:
+            continue
+        dims = list(tensor.shape)
+        for consumer in tensor.outputs:
+            out = consumer.outputs[0].shape if consumer.op == "Concat" and consumer.outputs else None
+            if out is None or len(out) != len(dims):
+                continue
+            axis = int(consumer.attrs.get("axis", 0)) % len(dims)
+            for i, d in enumerate(out):
+                if i != axis and isinstance(d, int) and not isinstance(dims[i], int):
+                    dims[i] = d
+        if dims != list(tensor.shape):
+            found[tensor.name] = dims
+    return found
+
+
+def _declare_dims(model: onnx.ModelProto, dims: dict[str, list]) -> None:
+    for vi in model.graph.input:
+        for dim, value in zip(vi.type.tensor_type.shape.dim, dims.get(vi.name, ())):
+            if isinstance(value, int) and not dim.HasField("dim_value"):
+                dim.dim_value = value
 
 
 def _without_stale_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

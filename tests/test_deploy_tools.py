@@ -259,6 +259,21 @@ def test_deployed_form_has_the_plain_exports_relevance(name, form, preset):
     assert _relative(relevance, want) < TOLERANCE
 
 
+@pytest.mark.parametrize("name, form", [("gpt2", "optimum"), ("qwen2", "optimum"), ("llama", "genai")])
+def test_the_analyzer_feeds_a_decoder_an_empty_past_by_default(name, form):
+    """``lrpc.LRP(...).analyze(ids)`` (and so ``lrpc explain``) on a file with a KV cache:
+    the past left out is empty, the mask ones; the relevance of feeding both explicitly."""
+    feeds = _feeds(name)
+    analyzer = lrpc.LRP(str(_form(name, form)), lrpc.AttnLRP(epsilon=EPSILON), normalize_output_relevance=False,
+                        verbose=False)
+    assert any(i.name.startswith("past_key_values") for i in analyzer.other_inputs)
+    explanation = analyzer.analyze(feeds["input_ids"])
+    relevance, outputs = _explain(str(_form(name, form)), name, feeds, "AttnLRP")
+    assert explanation.val.shape == relevance.shape == (BATCH, SEQUENCE, tools.HIDDEN)
+    assert _relative(explanation.val, relevance) < 1e-5
+    assert np.array_equal(explanation.output_selection, outputs["logits"][:, -1].argmax(-1))
+
+
 PROMPT = 4  # the past's length in the given-past case
 
 

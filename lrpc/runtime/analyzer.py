@@ -379,11 +379,16 @@ def _numpy_type(onnx_type: str):
 
 
 def _default_feed(meta, x: np.ndarray):
-    """What Hugging Face models assume for an input left out, shaped like the ids."""
+    """What Hugging Face models assume for an input left out, shaped like the ids; a KV
+    cache's past (``past_key_values.*``, ``[B, heads, past, head size]``): empty."""
     name = meta.name.lower()
-    if x.ndim < 2 or meta.shape is None or len(meta.shape) != 2:
+    if x.ndim < 2 or meta.shape is None:
         return None
     n, length = x.shape[:2]
+    if len(meta.shape) == 4 and ("past" in name or "cache" in name):
+        return _empty_past(meta.shape, n)
+    if len(meta.shape) != 2:
+        return None
     if "attention_mask" in name or name in ("mask", "attn_mask"):
         return np.ones((n, length))
     if "token_type" in name or "segment" in name:
@@ -391,6 +396,16 @@ def _default_feed(meta, x: np.ndarray):
     if "position_ids" in name:
         return np.broadcast_to(np.arange(length), (n, length)).copy()
     return None
+
+
+def _empty_past(shape, n: int):
+    """A past of length 0: the batch axis first, the one other dynamic axis (the past's
+    length, wherever the layout puts it) 0, the others as the file fixes them."""
+    dynamic = [i for i, d in enumerate(shape[1:], 1) if not isinstance(d, int)]
+    if len(dynamic) != 1:
+        return None
+    dims = [n, *(d if isinstance(d, int) else 0 for d in shape[1:])]
+    return np.zeros(dims)
 
 
 def _show(shape) -> str:

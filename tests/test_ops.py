@@ -415,6 +415,19 @@ def test_constant_pad():
     check_chain(model, rand(2, 3, 3, 3), [(fn, "eps"), (flat, "eps")], target=[14, 50])
 
 
+@pytest.mark.parametrize("mode", ["reflect", "edge", "wrap"])
+def test_pad_that_copies_input_values_into_the_border(mode):
+    """silero's STFT front end pads by reflection: a border element is a copy of an input
+    element, and its relevance goes back to that element."""
+    model = build(
+        [helper.make_node("Pad", ["x", "pads"], ["y"], mode=mode), flatten()],
+        {"pads": np.array([0, 0, 2, 1, 0, 0, 1, 2], dtype=np.int64)}, (2, 3, 4, 5), opset=19 if mode == "wrap" else 17,
+    )
+    torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
+    fn = lambda x: F.pad(x, (1, 2, 2, 1), mode=torch_mode)  # noqa: E731
+    check_chain(model, rand(2, 3, 4, 5), [(fn, "eps"), (flat, "eps")], target=[3, 70])
+
+
 def test_div_by_a_divisor_computed_from_shapes():
     """DeBERTa's score scale, √(3·d) with d read from the activation's Shape at run time:
     an elementwise scaling (the divisor is a constant for relevance)."""

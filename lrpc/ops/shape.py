@@ -105,25 +105,40 @@ def _slice_check(node: gs.Node, acts: list[int]) -> str | None:
     return first_input_only(node, acts)
 
 
+#: Pad's modes: constant fills a border that took no input; the others copy input values
+#: out into it (mirrored, repeated from the edge, wrapped around)
+PAD_MODES = ("constant", "reflect", "edge", "wrap")
+
+
 def _pad_check(node: gs.Node, acts: list[int]) -> str | None:
-    # pads may be computed from shapes at run time (Swin's window padding): the VJP negates them
+    # pads may be computed from shapes at run time (Swin's window padding): the VJP replays them
     if acts != [0]:
         return "relevance must enter through the data input"
-    if text_attr(node, "mode", "constant") != "constant":
-        return f"only constant padding is supported (got mode {text_attr(node, 'mode', '')!r})"
+    mode = text_attr(node, "mode", "constant")
+    if mode not in PAD_MODES:
+        return f"unknown padding mode {mode!r}"
     if static_shape(node.inputs[0]) is None:
         return "input rank is unknown"
     return None
 
 
 def _pad_vjp(em, layer, inputs, params, s):
-    """The padded border took no input: padding by the negated amounts crops it off again
-    (and where the pads were negative, a crop, pads the cut-off part back with zeros).
-    The amounts are the forward's own tensor, so pads computed at run time replay."""
+    """constant: the padded border took no input, and padding by the negated amounts crops
+    it off again (where the pads were negative, a crop, it pads the cut-off part back with
+    zeros). reflect / edge / wrap copy input values into the border: the same Pad of the
+    input's flat indices says where each output came from, and ``s`` is scatter-added
+    there (a mirrored border element adds to the one it mirrors). The amounts are the
+    forward's own tensors, so pads computed at run time replay."""
     node = layer.node
+    axes = [node.inputs[3]] if len(node.inputs) > 3 and node.inputs[3].name else []  # opset 18's axes
+    mode = text_attr(node, "mode", "constant")
+    if mode != "constant":
+        extra = [em.const(0, np.int64), *axes] if axes else []
+        return _scatter_back(em, layer, s, lambda index: em.op("Pad", [index, node.inputs[1], *extra],
+                                                                 {"mode": mode}, dtype=np.int64))
     back = [s, em.op("Neg", [node.inputs[1]], dtype=np.int64)]
-    if len(node.inputs) > 3 and node.inputs[3].name:  # opset 18's axes
-        back += [em.const(0.0), node.inputs[3]]
+    if axes:
+        back += [em.const(0.0), *axes]
     return [em.sym(em.op("Pad", back, {"mode": "constant"}, dtype=em.dtype))]
 
 

@@ -445,11 +445,115 @@ def test_div_by_a_divisor_computed_from_shapes():
     check_chain(model, rand(3, 6), [(lambda x: x / np.sqrt(18.0), "eps"), (lambda y: y @ t(W64), "eps")])
 
 
-def test_div_of_two_activations_is_refused_by_name():
-    model = build([helper.make_node("Div", ["x", "x"], ["y"]), helper.make_node("MatMul", ["y", "w"], ["logits"])],
-                  {"w": W64}, (3, 6))
-    with pytest.raises(lrpc.UnsupportedModelError, match="division of two activations"):
+def test_reciprocal_of_the_input_is_refused_by_name():
+    model = build([helper.make_node("Div", ["one", "x"], ["y"]), helper.make_node("MatMul", ["y", "w"], ["logits"])],
+                  {"one": np.array(1.0, np.float32), "w": W64}, (3, 6))
+    with pytest.raises(lrpc.UnsupportedModelError, match="divisor of a constant"):
         lrpc.compile(model)
+
+
+# -- normalizations written out: the statistic is held constant (as LayerNormRule holds σ) --
+
+
+def test_l2_normalize_holds_the_norm_constant():
+    """``x / max(‖x‖, 1e-12)`` (torch's F.normalize, CLIP-style embeddings)."""
+    model = build(
+        [
+            helper.make_node("ReduceL2", ["x", "axis"], ["norm"], keepdims=1),
+            helper.make_node("Clip", ["norm", "tiny"], ["clipped"]),
+            helper.make_node("Div", ["x", "clipped"], ["y"]),
+            helper.make_node("MatMul", ["y", "w"], ["logits"]),
+        ],
+        {"axis": np.array([1], np.int64), "tiny": np.array(1e-12, np.float32), "w": W64}, (3, 6), opset=18,
+    )
+    normalize = lambda x: x / x.norm(dim=1, keepdim=True).clamp_min(1e-12).detach()  # noqa: E731
+    check_chain(model, rand(3, 6), [(normalize, "eps"), (lambda y: y @ t(W64), "eps")])
+
+
+def test_global_response_normalization_holds_its_factor_constant():
+    """ConvNeXt-V2's GRN: ``γ · (x · N(x)) + β + x`` with ``N = ‖x‖ / mean_c ‖x‖``."""
+    gamma, beta = rand(1, 3, 1, 1), rand(1, 3, 1, 1)
+    model = build(
+        [
+            helper.make_node("ReduceL2", ["x", "spatial"], ["g"], keepdims=1),
+            helper.make_node("ReduceMean", ["g", "channel"], ["m"], keepdims=1),
+            helper.make_node("Add", ["m", "eps"], ["me"]),
+            helper.make_node("Div", ["g", "me"], ["n"]),
+            helper.make_node("Mul", ["x", "n"], ["xn"]),
+            helper.make_node("Mul", ["xn", "gamma"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "beta"], ["shifted"]),
+            helper.make_node("Add", ["shifted", "x"], ["y"]),
+            flatten(),
+        ],
+        {"spatial": np.array([2, 3], np.int64), "channel": np.array([1], np.int64),
+         "eps": np.array(1e-6, np.float32), "gamma": gamma, "beta": beta}, (2, 3, 4, 4), opset=18,
+    )
+
+    def grn(x):
+        g = x.norm(dim=(2, 3), keepdim=True)
+        n = (g / (g.mean(dim=1, keepdim=True) + 1e-6)).detach()
+        return t(gamma) * (x * n) + t(beta) + x
+
+    check_chain(model, rand(2, 3, 4, 4), [(grn, "eps"), (flat, "eps")], target=[5, 40])
+
+
+def test_linear_attention_holds_its_denominator_constant():
+    """EfficientViT's ReLU linear attention as exported: ``v`` padded with a row of ones,
+    ``vk = v_pad · kᵀ``, ``o = vk · q``, the last row (``Σ k · q``) divides the rest. The
+    denominator is held constant; each product shares its relevance equally between its
+    factors, so the reference is Gradient × Input of each path with the other factors
+    detached: ½ through ``q``, ¼ through ``k``, ¼ through ``v`` (bias-free, so the ε-rule is
+    Gradient × Input divided by the logit)."""
+    wq, wk, wv, head = rand(4, 6), rand(4, 6), rand(4, 6), rand(24, 3)
+    ints = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
+    model = build(
+        [
+            helper.make_node("Conv", ["x", "wq"], ["q0"]), helper.make_node("Relu", ["q0"], ["q"]),
+            helper.make_node("Conv", ["x", "wk"], ["k0"]), helper.make_node("Relu", ["k0"], ["k"]),
+            helper.make_node("Conv", ["x", "wv"], ["v"]),
+            helper.make_node("Squeeze", ["q", "last"], ["q2"]), helper.make_node("Squeeze", ["k", "last"], ["k2"]),
+            helper.make_node("Squeeze", ["v", "last"], ["v2"]),
+            helper.make_node("Pad", ["v2", "pads", "one"], ["vp"], mode="constant"),
+            helper.make_node("Transpose", ["k2"], ["kt"], perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["vp", "kt"], ["vk"]),
+            helper.make_node("MatMul", ["vk", "q2"], ["o"]),
+            helper.make_node("Slice", ["o", "start0", "end_num", "axis1"], ["num"]),
+            helper.make_node("Slice", ["o", "end_num", "end_all", "axis1"], ["den"]),
+            helper.make_node("Add", ["den", "eps"], ["den_e"]),
+            helper.make_node("Div", ["num", "den_e"], ["y"]),
+            helper.make_node("Flatten", ["y"], ["f"], axis=1),
+            helper.make_node("MatMul", ["f", "head"], ["logits"]),
+        ],
+        {"wq": wq[..., None, None], "wk": wk[..., None, None], "wv": wv[..., None, None], "last": ints(3),
+         "pads": ints(0, 0, 0, 0, 1, 0), "one": np.array(1.0, np.float32), "start0": ints(0), "end_num": ints(4),
+         "end_all": ints(5), "axis1": ints(1), "eps": np.array(1e-3, np.float32), "head": head},
+        (2, 6, 6, 1),
+    )
+    x = np.abs(rand(2, 6, 6, 1))
+    target = np.array([0, 2])
+
+    def logits(x, live):
+        def branch(w, relu, name):
+            z = F.conv2d(x, t(w)[..., None, None])[..., 0]
+            z = torch.relu(z) if relu else z
+            return z if name in live else z.detach()
+
+        q, k, v = branch(wq, True, "q"), branch(wk, True, "k"), branch(wv, False, "v")
+        vp = F.pad(v, (0, 0, 0, 1), value=1.0)
+        o = vp @ k.transpose(1, 2) @ q
+        y = o[:, :4] / (o[:, 4:] + 1e-3).detach()
+        return y.reshape(2, -1) @ t(head)
+
+    want = np.zeros_like(x)
+    chosen = logits(t(x), "qkv").detach().numpy()[np.arange(2), target]
+    for share, live in ((0.5, "q"), (0.25, "k"), (0.25, "v")):
+        xt = t(x).requires_grad_()
+        logits(xt, live)[torch.arange(2), target].sum().backward()
+        want += share * (xt.grad * xt).detach().numpy()
+    want /= chosen.reshape(2, 1, 1, 1)  # the explained logit's relevance is 1 (normalized)
+    got_logits, got = run_compiled(model, x, lrpc.Composite(lrpc.GlobalMap(lrpc.EpsilonRule(EPS))), target=target)
+    np.testing.assert_allclose(got_logits, logits(t(x), "qkv").detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
 
 
 def test_gather_elements_routes_relevance_back_to_the_picked_elements():

@@ -57,6 +57,47 @@ def _is_gate(node: gs.Node, slot: int) -> bool:
     return producers[slot] in GATES and producers[1 - slot] not in GATES
 
 
+#: reductions whose output, in a product or a division, is a statistic of the activation
+REDUCTIONS = {"ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
+              "ReduceLogSumExp"}
+#: ops a statistic stays a statistic through (ε, square roots, powers, reciprocals, ratios
+#: of statistics, broadcasting)
+_STATISTIC_STEPS = {"Add", "Sub", "Mul", "Div", "Sqrt", "Pow", "Reciprocal", "Clip", "Max", "Min", "Abs", "Neg",
+                    "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Expand"}
+
+
+def is_statistic(tensor, limit: int = 8) -> bool:
+    """``tensor`` is computed from an activation through a reduction (a norm, a mean, a
+    sum) or a ``Reciprocal``, by elementwise steps: ConvNeXt-V2's GRN factor
+    ``‖x‖ / mean(‖x‖)``, the ``1 / ‖x‖`` of an L2-normalize."""
+    frontier, seen = [tensor], set()
+    for _ in range(limit):
+        following = []
+        for t in frontier:
+            if isinstance(t, gs.Constant) or len(t.inputs) != 1 or id(t) in seen:
+                continue
+            seen.add(id(t))
+            node = t.inputs[0]
+            if node.op in REDUCTIONS or node.op == "Reciprocal":
+                return True
+            if node.op in _STATISTIC_STEPS:
+                following += [x for x in node.inputs if not isinstance(x, gs.Constant) and x.name]
+        if not following:
+            return False
+        frontier = following
+    return False
+
+
+def _held_constant(node: gs.Node, slot: int) -> bool:
+    """A product's factor that takes no relevance: a gate, or a statistic of the signal it
+    scales (held constant as LayerNormRule holds σ: GRN, normalizations written out)."""
+    if _is_gate(node, slot):
+        return True
+    if len(node.inputs) != 2 or any(isinstance(t, gs.Constant) for t in node.inputs):
+        return False
+    return is_statistic(node.inputs[slot]) and not is_statistic(node.inputs[1 - slot])
+
+
 def _mul_vjp(em, layer, inputs, params, s):
     """d(a·b)/da = b: each factor's gradient is ``s`` times the other factor."""
     factors = layer.operands(inputs, params)
@@ -67,14 +108,22 @@ def _mul_vjp(em, layer, inputs, params, s):
 
 
 def _div_vjp(em, layer, inputs, params, s):
-    """d(a/c)/da = 1/c: the divisor (DeBERTa's √(3·d) from the head size's Shape, a
-    count) reaches no relevance, so the op is an elementwise scaling."""
+    """d(a/c)/da = 1/c with the divisor a constant for relevance: a tensor that does not
+    depend on the input (DeBERTa's √(3·d) from the head size's Shape, a count), or a
+    statistic of the activation, held constant as LayerNormRule holds σ (an L2-normalize's
+    norm, GRN's mean norm, the ``Σ + ε`` of a linear attention): an elementwise scaling."""
     return [unbroadcast(em, s / em.sym(layer.node.inputs[1]), layer, 0)]
+
+
+def _divisor_held_constant(node: gs.Node, slot: int) -> bool:
+    """The divisor of an activation takes no relevance (a constant numerator, ``1 / x``,
+    would leave relevance no way through: it stays on the path and is refused)."""
+    return slot == 1 and not isinstance(node.inputs[0], gs.Constant)
 
 
 def _div_check(node: gs.Node, acts: list[int]) -> str | None:
     if acts != [0]:
-        return "relevance cannot pass a divisor that depends on the input (a division of two activations)"
+        return "relevance cannot pass the divisor of a constant (a reciprocal of the input)"
     return None
 
 
@@ -120,9 +169,9 @@ SPECS = [
     OpSpec("Add", Kind.MERGE, _add_vjp, params=other_operand("bias")),
     OpSpec("Sub", Kind.MERGE, _sub_vjp, params=other_operand("bias")),
     OpSpec("Sum", Kind.MERGE, _add_vjp),
-    OpSpec("Div", Kind.AFFINE, _div_vjp, check=_div_check),
+    OpSpec("Div", Kind.AFFINE, _div_vjp, check=_div_check, blocks=_divisor_held_constant),
     OpSpec("Neg", Kind.AFFINE, _neg_vjp, check=first_input_only),
-    OpSpec("Mul", Kind.AFFINE, _mul_vjp, params=other_operand("weight"), blocks=_is_gate, multilinear=True,
+    OpSpec("Mul", Kind.AFFINE, _mul_vjp, params=other_operand("weight"), blocks=_held_constant, multilinear=True,
            gate=gate_slot),
     OpSpec("Where", Kind.ROUTING, route=_where_route, check=_where_check),
     *[activation_spec(op) for op in ACTIVATIONS],

@@ -89,6 +89,10 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
             elif node.domain == "ai.onnx.ml":
                 reason = f"LRP explains neural networks; {node.op} (ai.onnx.ml) is not a neural-network layer"
                 kind = NOT_A_NETWORK
+            elif node.op in RECURRENT and not node.domain:
+                why = node.attrs.get(WHY_FUSED)
+                reason = f"recurrent layer {node.op} not written out in time steps" + (f": {why}" if why else "")
+                kind = "recurrent"
             elif (is_fused_op(node.domain or "") and not is_quantized_op(node.op)) or WHY_FUSED in node.attrs:
                 why = node.attrs.get(WHY_FUSED)
                 reason = f"{node.domain or 'ai.onnx'}.{node.op}: fused op without a rule" + (f" ({why})" if why else "")
@@ -96,9 +100,6 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
             elif is_quantized_op(node.op):
                 reason = f"{node.op}: quantized op without a rule"
                 kind = "quantized"
-            elif node.op in RECURRENT:
-                reason = "recurrent layers (LSTM, GRU, RNN) are not supported"
-                kind = "recurrent"
             else:
                 reason = "unknown layer type"
                 kind = "?"

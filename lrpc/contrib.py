@@ -61,6 +61,12 @@ class _Writer:
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out
 
+    def split(self, x: str, sizes: list[int], axis: int) -> list[str]:
+        """``Split`` of ``x`` into parts of ``sizes`` along ``axis``: the parts' names."""
+        outs = [self.fresh("part") for _ in sizes]
+        self.nodes.append(helper.make_node("Split", [x, self.ints(*sizes)], outs, name=outs[0], axis=axis))
+        return outs
+
     def const(self, value, dtype=np.float32) -> str:
         return self._initializer("c", np.asarray(value, dtype))
 
@@ -760,3 +766,9 @@ def declared_shapes(model: onnx.ModelProto) -> tuple[dict[str, list], dict[str, 
     shapes = {name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None
                      for d in vi.type.tensor_type.shape.dim] for name, vi in found.items()}
     return shapes, {name: vi.type.tensor_type.elem_type for name, vi in found.items()}
+
+
+# recurrent layers are written out in their time steps (lrpc.recurrent, which uses the writer above)
+from .recurrent import RECURRENT_DECOMPOSITIONS  # noqa: E402
+
+STANDARD_DECOMPOSITIONS.update(RECURRENT_DECOMPOSITIONS)

@@ -209,8 +209,9 @@ def test_vit_gets_an_image_heatmap(cli, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["heatmap_000.png", "heatmap_001.png"]
 
 
-def test_a_recurrent_layer_is_named_in_the_check_table(cli, tmp_path):
-    """An LSTM (and another unsupported op) are refused in one table naming each."""
+def test_a_recurrent_layer_with_a_dynamic_length_is_named_in_the_check_table(cli, tmp_path):
+    """An LSTM over a dynamic sequence length (its steps are written out at compile time)
+    and another unsupported op are refused in one table naming each, with the reason."""
 
     class Recurrent(torch.nn.Module):
         def __init__(self):
@@ -227,11 +228,11 @@ def test_a_recurrent_layer_is_named_in_the_check_table(cli, tmp_path):
     path = tmp_path / "lstm.onnx"
     with _quiet(), torch.no_grad():
         torch.onnx.export(Recurrent().eval(), (torch.randn(2, 5, 4),), str(path), dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["logits"])
+                          input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N", 1: "T"}})
     result = cli("check", path)
     assert result.code == 2
     rows = [line for line in result.out.splitlines() if "│" in line and ("LSTM" in line or "CumSum" in line)]
-    assert any("LSTM" in r and "recurrent layers (LSTM, GRU, RNN) are not supported" in r for r in rows), result.out
+    assert any("LSTM" in r and "dynamic sequence length" in r for r in rows), result.out
     assert any("CumSum" in r and "unknown layer type" in r for r in rows), result.out
     assert len(result.err_lines) == 1 and "2 unsupported" in result.err
 

@@ -23,6 +23,9 @@ from .layers import LayerTable
 from .registry import KNOWN_ACTIVATION_NAMES
 from .spec import RECURRENT
 
+#: ops with bodies: relevance cannot pass them (an If with a constant condition is inlined first)
+CONTROL_FLOW = {"If", "Loop", "Scan"}
+
 SUPPORTED = "supported"
 NOT_A_NETWORK = "not a network"
 
@@ -89,6 +92,10 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
             elif node.domain == "ai.onnx.ml":
                 reason = f"LRP explains neural networks; {node.op} (ai.onnx.ml) is not a neural-network layer"
                 kind = NOT_A_NETWORK
+            elif node.op in CONTROL_FLOW and not node.domain:
+                reason = (f"control flow: relevance through an {node.op}'s body is not supported (its condition "
+                          "or trip count is computed at run time; a constant one is inlined)")
+                kind = "control flow"
             elif node.op in RECURRENT and not node.domain:
                 why = node.attrs.get(WHY_FUSED)
                 reason = f"recurrent layer {node.op} not written out in time steps" + (f": {why}" if why else "")

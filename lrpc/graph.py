@@ -183,10 +183,28 @@ def node_graph(graph: gs.Graph) -> nx.DiGraph:
         for t in node.inputs:
             if t.name:
                 g.add_edge(("tensor", t.name), nid)
+        for name in outer_reads(node):  # an If/Loop/Scan body reads them: they are its inputs too
+            g.add_edge(("tensor", name), nid)
         for t in node.outputs:
             if t.name:
                 g.add_edge(nid, ("tensor", t.name))
     return g
+
+
+def outer_reads(node: gs.Node) -> set[str]:
+    """Names an ``If``/``Loop``/``Scan`` node's bodies read from the graph around them (the
+    inputs ONNX does not list: a branch computes with the outer graph's tensors)."""
+    reads: set[str] = set()
+    for value in node.attrs.values():
+        for body in (value if isinstance(value, list) else [value]):
+            if not isinstance(body, gs.Graph):
+                continue
+            local = {t.name for t in body.inputs} | {t.name for n in body.nodes for t in n.outputs}
+            local |= {t.name for t in body.tensors().values() if isinstance(t, gs.Constant)}
+            for inner in body.nodes:
+                reads |= {t.name for t in inner.inputs if t.name and t.name not in local}
+                reads |= outer_reads(inner) - local
+    return reads
 
 
 def relevance_path(graph: gs.Graph, input_name: str, start_name: str, blocked=None) -> tuple[list[gs.Node], set[str]]:

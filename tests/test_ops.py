@@ -700,3 +700,33 @@ def test_output_shaped_n_k_1_1():
     assert logits.shape == (2, 5, 1, 1)
     _, ref = chain_reference(steps, x, np.array([1, 4]))
     assert np.abs(R - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+# -- control flow --------------------------------------------------------------------------
+
+
+def _if_model(condition_is_constant: bool):
+    """``y = If(cond, x · 2, x · −3)``, then a MatMul (silero-vad branches on its sampling rate)."""
+    def branch(name, scale):
+        return helper.make_graph([helper.make_node("Mul", ["x", f"s_{name}"], [f"out_{name}"])], name, [],
+                                 [helper.make_tensor_value_info(f"out_{name}", TensorProto.FLOAT, None)],
+                                 [numpy_helper.from_array(np.array(scale, np.float32), f"s_{name}")])
+
+    model = build([helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 2.0),
+                                    else_branch=branch("else", -3.0)),
+                   helper.make_node("MatMul", ["y", "w"], ["logits"])],
+                  {"w": W64, **({"cond": np.array(True)} if condition_is_constant else {})}, (3, 6))
+    if not condition_is_constant:
+        model.graph.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    return model
+
+
+def test_if_with_a_constant_condition_is_the_branch_it_takes():
+    check_chain(_if_model(True), rand(3, 6), [(lambda x: x * 2.0, "eps"), (lambda y: y @ t(W64), "eps")])
+
+
+def test_if_with_a_condition_computed_at_run_time_is_named_in_the_check():
+    """Not "the output does not depend on this input": the branches read ``x`` from the
+    graph around them, so the If is on the relevance path, and refused by name."""
+    with pytest.raises(lrpc.UnsupportedModelError, match="control flow"):
+        lrpc.compile(_if_model(False))

@@ -403,6 +403,9 @@ def _base_map(epsilon: float, conv_rule: Rule) -> dict:
         NormalizationLayer: PassRule(),
         DropoutLayer: PassRule(),
         ReshapingLayer: PassRule(),
+        # resampling shares each output's relevance by the interpolation weights, as Zennit's
+        # gradient through nn.Upsample (no rule there: its backward carries the relevance)
+        "Resize": PassRule(),
         "Softmax": TaylorRule(),
     }
 

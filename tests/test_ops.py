@@ -610,12 +610,73 @@ def test_resize_nearest_integer_scale(mode):
     check_chain(model, rand(2, 3, 3, 2), [(fn, "eps"), (flat, "eps")])
 
 
-def test_resize_that_is_not_a_block_copy_is_refused():
+RESIZE_CASES = {
+    # name: (ONNX attributes, scales or None, sizes or None, opset, the torch resampling)
+    "bilinear": ({"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, [1, 1, 2, 2], None, 17,
+                 lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)),
+    "bilinear-align-corners": ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, None,
+                               [2, 3, 9, 7], 17,
+                               lambda x: F.interpolate(x, size=(9, 7), mode="bilinear", align_corners=True)),
+    "bicubic": ({"mode": "cubic", "coordinate_transformation_mode": "half_pixel", "cubic_coeff_a": -0.75},
+                [1, 1, 2, 3], None, 17,
+                lambda x: F.interpolate(x, scale_factor=(2, 3), mode="bicubic", align_corners=False)),
+    "nearest-fractional": ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+                           None, [2, 3, 7, 6], 17, lambda x: F.interpolate(x, size=(7, 6), mode="nearest")),
+    # torch's antialias filter is not ONNX's: the reference is onnx's own evaluator
+    "bilinear-antialiased-down": ({"mode": "linear", "coordinate_transformation_mode": "half_pixel", "antialias": 1},
+                                  None, [2, 3, 3, 2], 18, "onnx-reference"),
+    "cubic-antialiased-down": ({"mode": "cubic", "antialias": 1, "exclude_outside": 1}, [1, 1, 0.6, 0.5], None, 18,
+                               "onnx-reference"),
+}
+
+
+def _onnx_reference_resize(attrs, scales, sizes, shape):
+    """The op as a torch linear map of each sample's spatial plane, read off onnx's
+    reference evaluator applied to every basis plane (no separability assumed)."""
+    from onnx.reference import ReferenceEvaluator
+
+    h, w = shape[2:]
+    inputs = ["x", "", "scales"] if scales is not None else ["x", "", "", "sizes"]
+    value = np.array(scales, np.float32) if scales is not None else np.array([h * w, 1, *sizes[2:]], np.int64)
+    graph = helper.make_graph([helper.make_node("Resize", inputs, ["y"], **attrs)], "r",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(value, inputs[-1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    planes = ReferenceEvaluator(model).run(None, {"x": np.eye(h * w, dtype=np.float32).reshape(h * w, 1, h, w)})[0]
+    out_hw = planes.shape[2:]
+    matrix = t(planes.reshape(h * w, -1).T.copy())  # [out plane, in plane]
+
+    def fn(x):
+        n, c = x.shape[:2]
+        return (x.reshape(n, c, h * w) @ matrix.T).reshape(n, c, *out_hw)
+
+    return fn
+
+
+@pytest.mark.parametrize("name", sorted(RESIZE_CASES))
+def test_resize_interpolation_is_linear_with_its_transpose_as_vjp(name):
+    """Bilinear upsampling (segmentation and detection necks), bicubic, fractional nearest,
+    antialiased downsampling: each axis an interpolation matrix, computed from onnxruntime's
+    own Resize, its transpose the VJP."""
+    attrs, scales, sizes, opset, fn = RESIZE_CASES[name]
+    if fn == "onnx-reference":
+        fn = _onnx_reference_resize(attrs, scales, sizes, (2, 3, 5, 4))
+    inputs = ["x", "", "scales"] if scales is not None else ["x", "", "", "sizes"]
+    inits = {"scales": np.array(scales, np.float32)} if scales is not None else {"sizes": np.array(sizes, np.int64)}
+    model = build([helper.make_node("Resize", inputs, ["y"], **attrs), flatten()], inits, (2, 3, 5, 4), opset=opset,
+                  dynamic_batch=sizes is None)
+    check_chain(model, rand(2, 3, 5, 4), [(fn, "eps"), (flat, "eps")])
+
+
+def test_resize_of_dynamic_sizes_by_a_fraction_is_refused_with_its_reason():
     model = build(
         [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear"), flatten()],
         {"scales": np.array([1, 1, 2, 2], dtype=np.float32)}, (2, 3, 3, 3),
     )
-    with pytest.raises(lrpc.UnsupportedModelError, match="only mode 'nearest'"):
+    for d, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], ("H", "W")):
+        d.dim_param = name
+    with pytest.raises(lrpc.UnsupportedModelError, match="spatial sizes are dynamic"):
         lrpc.compile(model)
 
 

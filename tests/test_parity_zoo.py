@@ -1,5 +1,5 @@
-"""lrpc against Zennit on identical weights: LeNet, VGG, ResNet (BatchNorm + residual Add)
-and an MLP, exported by both torch exporters (and once without constant folding, so
+"""lrpc against Zennit on identical weights: LeNet, VGG, ResNet (BatchNorm + residual Add),
+an MLP and a U-Net (bilinear upsampling, a concatenated skip), exported by both torch exporters (and once without constant folding, so
 BatchNormalization nodes reach lrpc), for every preset.
 
 The Zennit side mirrors each preset's rule map exactly (tests/support/zennit_ref.py) and
@@ -38,7 +38,7 @@ CASES = [
     (model, export)
     for model in ("lenet", "vgg", "vgg_avg", "resnet", "mlp")
     for export in ("legacy", "dynamo")
-] + [("resnet", "legacy_no_folding"), ("lenet", "legacy_no_folding")]
+] + [("resnet", "legacy_no_folding"), ("lenet", "legacy_no_folding"), ("unet", "legacy"), ("unet", "dynamo")]
 
 
 @pytest.mark.parametrize("model_name,export", CASES, ids=[f"{m}-{e}" for m, e in CASES])
@@ -69,7 +69,7 @@ def test_explicit_targets_and_unnormalized_output_relevance(model_name):
         np.testing.assert_array_equal(expl.output_selection, target)
 
 
-@pytest.mark.parametrize("model_name", ["lenet", "vgg", "vgg_avg", "resnet", "mlp"])
+@pytest.mark.parametrize("model_name", ["lenet", "vgg", "vgg_avg", "resnet", "mlp", "unet"])
 @pytest.mark.parametrize("export", ["legacy", "dynamo"])
 @pytest.mark.parametrize("rule", [lrpc.ZeroRule(), lrpc.EpsilonRule(1e-6)], ids=["Zero", "Epsilon"])
 def test_conservation_without_biases(model_name, export, rule):

@@ -1,4 +1,4 @@
-"""Pooling and resampling: MaxPool, AveragePool, GlobalAveragePool, ReduceMean, Resize."""
+"""Pooling: MaxPool, AveragePool, GlobalAveragePool, ReduceMean."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from ..graph import constant_value, static_shape
-from ..spec import Kind, OpSpec, first_input_only, int_list, text_attr, vjp_route
+from ..spec import Kind, OpSpec, first_input_only, int_list, text_attr
 from ..symbolic import Emitter, Sym
 from .windows import ones_like_spatial, transposed_window
 
@@ -211,65 +211,9 @@ def _rank_known(node: gs.Node, acts: list[int]) -> str | None:
     return first_input_only(node, acts)
 
 
-# -- Resize (nearest, integer scale factors): every output copies one input -----------
-
-# (coordinate_transformation_mode, nearest_mode) pairs under which an integer upscale
-# copies each input into a whole block of outputs
-_BLOCK_COPY = {
-    ("asymmetric", "floor"),
-    ("half_pixel", "round_prefer_floor"), ("half_pixel", "round_prefer_ceil"),
-    ("pytorch_half_pixel", "round_prefer_floor"), ("pytorch_half_pixel", "round_prefer_ceil"),
-}
-
-
-def _resize_factors(node: gs.Node) -> list[int] | str:
-    """Integer scale factor per axis, or why there is none."""
-    in_shape = static_shape(node.inputs[0])
-    scales = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    sizes = constant_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
-    if scales is not None and scales.size:
-        factors = [float(v) for v in scales]
-    elif sizes is not None and in_shape is not None and None not in in_shape:
-        factors = [float(o) / float(i) for o, i in zip(sizes, in_shape)]
-    else:
-        return "its scales are not constant"
-    if any(f < 1 or f != int(f) for f in factors):
-        return f"only integer upsampling factors are supported (got {factors})"
-    if factors[:2] != [1.0, 1.0]:
-        return "only spatial upsampling is supported"
-    return [int(f) for f in factors]
-
-
-def _resize_check(node: gs.Node, acts: list[int]) -> str | None:
-    if acts != [0]:
-        return "relevance must enter through the data input"
-    if text_attr(node, "mode", "nearest") != "nearest":
-        return f"only mode 'nearest' is supported (got {text_attr(node, 'mode', '')!r})"
-    modes = (text_attr(node, "coordinate_transformation_mode", "half_pixel"),
-             text_attr(node, "nearest_mode", "round_prefer_floor"))
-    factors = _resize_factors(node)
-    if isinstance(factors, str):
-        return factors
-    if modes not in _BLOCK_COPY and any(f > 1 for f in factors):
-        return f"coordinate mode {modes[0]!r} with nearest mode {modes[1]!r} is not a block copy"
-    return None
-
-
-def _resize_vjp(em, layer, inputs, params, s):
-    """Nearest upsampling by integer factors copies each input to a block: the VJP sums
-    the block (an average pool times the block size)."""
-    factors = _resize_factors(layer.node)[2:]
-    block = float(np.prod(factors))
-    if block == 1:
-        return [s]
-    pooled = em.op("AveragePool", [s], {"kernel_shape": factors, "strides": factors}, dtype=em.dtype)
-    return [em.sym(pooled) * block]
-
-
 SPECS = [
     OpSpec("MaxPool", Kind.POOLING, _maxpool_vjp, linear=False, selects=True, check=_rank_known),
     OpSpec("AveragePool", Kind.POOLING, _avgpool_vjp, check=_rank_known),
     OpSpec("GlobalAveragePool", Kind.POOLING, _gap_vjp, check=_rank_known),
     OpSpec("ReduceMean", Kind.POOLING, _reducemean_vjp, check=_reducemean_check),
-    OpSpec("Resize", Kind.RESHAPING, _resize_vjp, route=vjp_route, check=_resize_check),
 ]

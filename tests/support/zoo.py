@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-MODEL_NAMES = ('lenet', 'vgg', 'vgg_avg', 'resnet', 'mlp')
+MODEL_NAMES = ('lenet', 'vgg', 'vgg_avg', 'resnet', 'mlp', 'unet')
 
 INPUT_SHAPES = {
     'lenet': (1, 16, 16),
@@ -24,9 +24,10 @@ INPUT_SHAPES = {
     'vgg_avg': (3, 16, 16),
     'resnet': (3, 16, 16),
     'mlp': (20,),
+    'unet': (3, 8, 8),
 }
 
-NUM_CLASSES = {'lenet': 10, 'vgg': 10, 'vgg_avg': 10, 'resnet': 10, 'mlp': 5}
+NUM_CLASSES = {'lenet': 10, 'vgg': 10, 'vgg_avg': 10, 'resnet': 10, 'mlp': 5, 'unet': 10}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,6 +184,31 @@ def resnet(seed: int = 0) -> nn.Module:
     return _build(ResNet, seed)
 
 
+class UNet(nn.Module):
+    """Input ``[N, 3, 8, 8]``: a one-level U-Net (segmentation necks' bilinear upsampling,
+    the skip concatenated) with a classification head."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.bottom = nn.Conv2d(4, 8, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode='bilinear', align_corners=False)
+        self.merge = nn.Conv2d(12, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        skip = self.relu(self.down(x))
+        deep = self.up(self.relu(self.bottom(self.pool(skip))))
+        return self.fc(self.flatten(self.relu(self.merge(torch.cat([deep, skip], 1)))))
+
+
+def unet(seed: int = 0) -> nn.Module:
+    return _build(UNet, seed)
+
+
 def set_zennit_sum(model: nn.Module, on: bool) -> nn.Module:
     """Switch every residual addition of ``model`` between ``a + b`` (off) and ``zennit.layer.Sum`` (on).
 
@@ -209,6 +235,7 @@ _FACTORIES = {
     'vgg_avg': lambda seed=0: vgg(seed, pool='avg'),
     'resnet': resnet,
     'mlp': mlp,
+    'unet': unet,
 }
 
 

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
 import lrpc
@@ -73,6 +74,46 @@ PATTERNS = {
         [c("three", 3.0), c("k", 0.044715), c("s2pi", math.sqrt(2 / math.pi)), c("one", 1.0), c("half", 0.5)],
         "Gelu", lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))),
     ),
+    # spellings the literal patterns do not know, recognized by value (lrpc/passes/activations.py)
+    "gelu_half_folded_away": (  # onnxsim moves the ½ into the next layer's weights
+        [helper.make_node("Mul", ["h", "inv_sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+         helper.make_node("Add", ["one", "e"], ["e1"]), helper.make_node("Mul", ["e1", "h"], ["a"])],
+        [c("inv_sqrt2", 1 / math.sqrt(2)), c("one", 1.0)], "Gelu",
+        lambda h: h * (1 + torch.erf(h / math.sqrt(2))),
+    ),
+    "gelu_half_first": (
+        [helper.make_node("Mul", ["h", "half"], ["hh"]), helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+         helper.make_node("Erf", ["d"], ["e"]), helper.make_node("Add", ["e", "one"], ["e1"]),
+         helper.make_node("Mul", ["hh", "e1"], ["a"])],
+        [c("half", 0.5), c("sqrt2", 1.4142135), c("one", 1.0)], "Gelu",
+        lambda h: 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),
+    ),
+    "gelu_tanh_constants_folded": (  # tanh(√(2/π)·x + √(2/π)·0.044715·x³), x·x·x
+        [helper.make_node("Mul", ["h", "h"], ["h2"]), helper.make_node("Mul", ["h2", "h"], ["h3"]),
+         helper.make_node("Mul", ["h3", "k"], ["kh3"]), helper.make_node("Mul", ["h", "s2pi"], ["sh"]),
+         helper.make_node("Add", ["sh", "kh3"], ["inner"]), helper.make_node("Tanh", ["inner"], ["th"]),
+         helper.make_node("Add", ["th", "one"], ["t1"]), helper.make_node("Mul", ["t1", "h"], ["ht"]),
+         helper.make_node("Mul", ["ht", "half"], ["a"])],
+        [c("k", math.sqrt(2 / math.pi) * 0.044715), c("s2pi", math.sqrt(2 / math.pi)), c("one", 1.0),
+         c("half", 0.5)], "Gelu",
+        lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))),
+    ),
+    "silu_scaled": (
+        [helper.make_node("Sigmoid", ["h"], ["s"]), helper.make_node("Mul", ["h", "two"], ["h2"]),
+         helper.make_node("Mul", ["h2", "s"], ["a"])],
+        [c("two", 2.0)], "SiLU", lambda h: 2 * h * torch.sigmoid(h),
+    ),
+    "hardswish_relu6_divided": (
+        [helper.make_node("Add", ["h", "three"], ["h3"]), helper.make_node("Relu", ["h3"], ["r"]),
+         helper.make_node("Clip", ["r", "", "six"], ["r6"]), helper.make_node("Div", ["r6", "six"], ["g"]),
+         helper.make_node("Mul", ["g", "h"], ["a"])],
+        [c("three", 3.0), c("six", 6.0)], "HardSwish", lambda h: h * torch.clamp(h + 3, 0, 6) / 6,
+    ),
+    "mish": (
+        [helper.make_node("Softplus", ["h"], ["sp"]), helper.make_node("Tanh", ["sp"], ["th"]),
+         helper.make_node("Mul", ["h", "th"], ["a"])],
+        [], "Mish", lambda h: h * torch.tanh(F.softplus(h)),
+    ),
 }
 
 
@@ -105,11 +146,16 @@ def test_a_pattern_whose_inside_is_used_elsewhere_is_not_fused():
     assert not [n for n in analysis.program.graph.nodes if n.domain == FUSED_DOMAIN]
 
 
-def test_gelu_with_other_constants_is_not_gelu():
-    nodes, constants, _, _ = PATTERNS["gelu_erf"]
-    constants = [c("sqrt2", 2.0), c("one", 1.0), c("half", 0.5)]
+@pytest.mark.parametrize("name, constants", [
+    ("gelu_erf", [c("sqrt2", 2.0), c("one", 1.0), c("half", 0.5)]),  # erf(x/2): not a GELU
+    ("gelu_half_folded_away", [c("inv_sqrt2", 1.0), c("one", 1.0)]),  # x(1 + erf(x))
+    ("gelu_tanh_constants_folded", [c("k", 0.1), c("s2pi", math.sqrt(2 / math.pi)), c("one", 1.0),
+                                    c("half", 0.5)]),
+])
+def test_gelu_with_other_constants_is_not_gelu(name, constants):
+    nodes, _, _, _ = PATTERNS[name]
     analysis = analyze_model(between_dense(nodes, constants), skip_checks=True)
-    assert "Gelu" not in {n.op for n in analysis.program.graph.nodes}
+    assert not {"Gelu", "SiLU", "Mish", "HardSwish"} & {n.op for n in analysis.program.graph.nodes}
 
 
 def _held(h, centre: bool, eps: float = 1e-5):

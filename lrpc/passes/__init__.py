@@ -22,6 +22,7 @@ from .identity import remove_identity
 from .io import choose_layout, select_input, strip_softmax
 from .layernorm import split_layernorm
 from .opset import upgrade_opset
+from .activations import fuse_activations_by_value
 from .shapes import infer_shapes
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "fuse_rmsnorm",
     "fuse_silu",
     "inline_functions",
+    "fuse_activations_by_value",
     "infer_shapes",
     "remove_identity",
     "select_input",
@@ -65,6 +67,7 @@ def canonize(program: Program, input_name: str | None = None, output_name: str |
     if split_layernorms:
         program = split_layernorm(program)
     # pattern fusion comes last: fused nodes live only until the compiled model is written
-    for fuse in (fuse_layernorm, fuse_rmsnorm, fuse_lrn, fuse_gelu, fuse_hardswish, fuse_silu):
+    for fuse in (fuse_layernorm, fuse_rmsnorm, fuse_lrn, fuse_gelu, fuse_hardswish, fuse_silu,
+                 fuse_activations_by_value):
         program = fuse(program)
     return program

@@ -117,12 +117,6 @@ class _Steps:
             if lengths else None  # [B, 1]
         self.clip = a.get("clip")
 
-    def weights(self, index: int, name: str) -> np.ndarray:
-        value = self.w.value(self.node.input[index])
-        if value is None:
-            raise Unsupported(f"{name} that is not a constant")
-        return value
-
     def initial(self, index: int, direction: int) -> str:
         given = _arg(self.node, index)
         if given is None:
@@ -147,71 +141,125 @@ class _Steps:
         return self.w.split(z, [self.hidden] * parts, axis=1)
 
 
-def _linear(w: _Writer, inputs: list[str], weights: list[np.ndarray], bias: np.ndarray) -> str:
-    """``Concat(inputs) · [W; R]ᵀ + b``: one linear map of the step's input and state, so the
-    ε-rule shares relevance among all of them as Arras et al.'s linear layer does."""
-    stacked = np.concatenate(weights, axis=1).T.astype(np.float32)  # [I + H, gates·H]
-    joined = w.op("Concat", *inputs, axis=1) if len(inputs) > 1 else inputs[0]
-    return w.op("Add", w.op("MatMul", joined, w.weight(stacked)), w.weight(bias.astype(np.float32)))
+class _Weights:
+    """One direction's parameters as graph tensors, in the shapes each step multiplies with
+    (``W`` ``[G·H, I]``, ``R`` ``[G·H, H]``, ``B`` ``[2·G·H]``, ``P`` ``[3·H]`` sliced and
+    stacked by ops, which constant folding turns into weights: a file may compute them)."""
+
+    def __init__(self, w: _Writer, node: onnx.NodeProto, d: int, gates: int, hidden: int):
+        self.w, self.hidden, self.gates = w, hidden, gates
+        self.W, self.R = self._direction(node.input[1], d), self._direction(node.input[2], d)
+        self.B = self._direction(_arg(node, 3), d) if _arg(node, 3) else None
+        self.P = self._direction(_arg(node, 7), d) if len(node.input) > 7 and _arg(node, 7) else None
+
+    def _direction(self, name: str, d: int) -> str:
+        w = self.w
+        return w.op("Squeeze", w.op("Slice", name, w.ints(d), w.ints(d + 1), w.ints(0)), w.ints(0))
+
+    def rows(self, tensor: str, start: int, end: int) -> str:
+        """Gate blocks ``start`` to ``end`` (in units of H) of a parameter."""
+        h = self.hidden
+        return self.w.op("Slice", tensor, self.w.ints(start * h), self.w.ints(end * h), self.w.ints(0))
+
+    def bias(self, start: int, end: int) -> str | None:
+        """``Wb + Rb`` of gate blocks ``start`` to ``end``."""
+        if self.B is None:
+            return None
+        g = self.gates
+        return self.w.op("Add", self.rows(self.B, start, end), self.rows(self.B, g + start, g + end))
+
+    def input_bias(self, start: int, end: int) -> str | None:
+        return None if self.B is None else self.rows(self.B, start, end)
+
+    def recurrent_bias(self, start: int, end: int) -> str | None:
+        return None if self.B is None else self.rows(self.B, self.gates + start, self.gates + end)
+
+    def stacked(self, start: int, end: int) -> str:
+        """``[W; R]ᵀ`` of gate blocks ``start`` to ``end``: ``[I + H, (end − start)·H]``."""
+        joined = self.w.op("Concat", self.rows(self.W, start, end), self.rows(self.R, start, end), axis=1)
+        return self.w.op("Transpose", joined, perm=[1, 0])
+
+    def transposed(self, tensor: str, start: int, end: int) -> str:
+        return self.w.op("Transpose", self.rows(tensor, start, end), perm=[1, 0])
 
 
-def _lstm_step(steps: _Steps, d: int, acts, x: str, h: str, c: str, W, R, B, P):
-    w, hidden = steps.w, steps.hidden
+def _affine(w: _Writer, x: str, weight: str, bias: str | None) -> str:
+    product = w.op("MatMul", x, weight)
+    return w.op("Add", product, bias) if bias else product
+
+
+def _linear(w: _Writer, inputs: list[str], weight: str, bias: str | None) -> str:
+    """``Concat(x_t, h_{t−1}) · [W; R]ᵀ + b``: one linear map of the step's input and state,
+    so the ε-rule shares relevance among all of them as Arras et al.'s linear layer does."""
+    return _affine(w, w.op("Concat", *inputs, axis=1), weight, bias)
+
+
+class _Direction:
+    """The parameters one direction's steps share, built once (not once per step)."""
+
+    def __init__(self, steps: _Steps, node: onnx.NodeProto, d: int):
+        kind, hidden = steps.kind, steps.hidden
+        p = _Weights(steps.w, node, d, len(GATES[kind]), hidden)
+        self.p = p
+        if kind == "LSTM":
+            self.gates, self.gates_bias = p.stacked(0, 4), p.bias(0, 4)
+            if p.P is not None:  # peepholes: i, o, f
+                self.peep = [p.rows(p.P, k, k + 1) for k in range(3)]
+        elif kind == "GRU":
+            self.gates, self.gates_bias = p.stacked(0, 2), p.bias(0, 2)
+            self.candidate_x, self.candidate_x_bias = p.transposed(p.W, 2, 3), p.input_bias(2, 3)
+            self.candidate_h, self.candidate_h_bias = p.transposed(p.R, 2, 3), p.recurrent_bias(2, 3)
+        else:
+            self.gates, self.gates_bias = p.stacked(0, 1), p.bias(0, 1)
+
+
+def _lstm_step(steps: _Steps, d: _Direction, acts, x: str, h: str, c: str):
+    w = steps.w
     f_act, g_act, h_act = acts
-    z = _linear(w, [x, h], [W, R], B[: 4 * hidden] + B[4 * hidden:])
-    zi, zo, zf, zc = steps.split(z, 4)
-    if P is not None:
-        zi = w.op("Add", zi, w.op("Mul", c, w.weight(P[:hidden])))
-        zf = w.op("Add", zf, w.op("Mul", c, w.weight(P[2 * hidden:])))
+    zi, zo, zf, zc = steps.split(_linear(w, [x, h], d.gates, d.gates_bias), 4)
+    peep = getattr(d, "peep", None)
+    if peep:
+        zi = w.op("Add", zi, w.op("Mul", c, peep[0]))
+        zf = w.op("Add", zf, w.op("Mul", c, peep[2]))
     i, f = f_act(w, steps.gate_input(zi)), f_act(w, steps.gate_input(zf))
     g = g_act(w, steps.gate_input(zc))
     c_new = w.op("Add", w.op("Mul", f, c), w.op("Mul", i, g))
-    if P is not None:
-        zo = w.op("Add", zo, w.op("Mul", c_new, w.weight(P[hidden: 2 * hidden])))
+    if peep:
+        zo = w.op("Add", zo, w.op("Mul", c_new, peep[1]))
     o = f_act(w, steps.gate_input(zo))
-    h_new = w.op("Mul", o, h_act(w, c_new))
-    return h_new, c_new
+    return w.op("Mul", o, h_act(w, c_new)), c_new
 
 
-def _gru_step(steps: _Steps, d: int, acts, x: str, h: str, W, R, B, linear_before_reset: bool):
-    w, hidden = steps.w, steps.hidden
+def _gru_step(steps: _Steps, d: _Direction, acts, x: str, h: str, linear_before_reset: bool):
+    w = steps.w
     f_act, g_act = acts
-    wb, rb = B[: 3 * hidden], B[3 * hidden:]
-    zr = _linear(w, [x, h], [W[: 2 * hidden], R[: 2 * hidden]], wb[: 2 * hidden] + rb[: 2 * hidden])
-    z_pre, r_pre = steps.split(zr, 2)
+    z_pre, r_pre = steps.split(_linear(w, [x, h], d.gates, d.gates_bias), 2)
     r = f_act(w, steps.gate_input(r_pre))
-    candidate_x = w.op("Add", w.op("MatMul", x, w.weight(W[2 * hidden:].T.astype(np.float32))),
-                       w.weight(wb[2 * hidden:].astype(np.float32)))
-    recurrent = w.weight(R[2 * hidden:].T.astype(np.float32))
+    candidate_x = _affine(w, x, d.candidate_x, d.candidate_x_bias)
     if linear_before_reset:  # r ⊙ (h Rₕᵀ + Rbₕ)
-        state = w.op("Mul", r, w.op("Add", w.op("MatMul", h, recurrent), w.weight(rb[2 * hidden:].astype(np.float32))))
+        state = w.op("Mul", r, _affine(w, h, d.candidate_h, d.candidate_h_bias))
     else:  # (r ⊙ h) Rₕᵀ + Rbₕ
-        state = w.op("Add", w.op("MatMul", w.op("Mul", r, h), recurrent), w.weight(rb[2 * hidden:].astype(np.float32)))
+        state = _affine(w, w.op("Mul", r, h), d.candidate_h, d.candidate_h_bias)
     n = g_act(w, steps.gate_input(w.op("Add", candidate_x, state)))
     z_in = steps.gate_input(z_pre)
     keep, update = f_act(w, z_in), f_act.complement(w, z_in)  # z and 1 − z
     return w.op("Add", w.op("Mul", update, n), w.op("Mul", keep, h))
 
 
-def _rnn_step(steps: _Steps, d: int, acts, x: str, h: str, W, R, B):
-    hidden = steps.hidden
-    z = _linear(steps.w, [x, h], [W, R], B[:hidden] + B[hidden:])
-    return acts[0](steps.w, steps.gate_input(z))
+def _rnn_step(steps: _Steps, d: _Direction, acts, x: str, h: str):
+    return acts[0](steps.w, steps.gate_input(_linear(steps.w, [x, h], d.gates, d.gates_bias)))
 
 
 def _recurrent(kind: str):
     def write(w: _Writer, node: onnx.NodeProto) -> None:
         steps = _Steps(w, node, kind)
-        a, hidden = steps.a, steps.hidden
+        a = steps.a
         direction = _text(a.get("direction", b"forward"))
         names = ["forward", "reverse"] if direction == "bidirectional" else [direction]
         activations = _activations(kind, a, len(names))
-        W, R = steps.weights(1, "W"), steps.weights(2, "R")
-        gates = len(GATES[kind])
-        B = steps.weights(3, "B") if _arg(node, 3) else np.zeros((len(names), 2 * gates * hidden), np.float32)
-        P = steps.weights(7, "P") if kind == "LSTM" and _arg(node, 7) else None
         outputs, finals, cells = [], [], []
         for d, name in enumerate(names):
+            params = _Direction(steps, node, d)
             h = steps.initial(5, d)
             c = steps.initial(6, d) if kind == "LSTM" else None
             ys = [None] * steps.length
@@ -219,14 +267,12 @@ def _recurrent(kind: str):
             for t in order:
                 x = steps.inputs[t]
                 if kind == "LSTM":
-                    h_new, c_new = _lstm_step(steps, d, activations[d], x, h, c, W[d], R[d], B[d],
-                                              None if P is None else P[d])
+                    h_new, c_new = _lstm_step(steps, params, activations[d], x, h, c)
                     c = steps.kept(t, c_new, c)
                 elif kind == "GRU":
-                    h_new = _gru_step(steps, d, activations[d], x, h, W[d], R[d], B[d],
-                                      bool(a.get("linear_before_reset", 0)))
+                    h_new = _gru_step(steps, params, activations[d], x, h, bool(a.get("linear_before_reset", 0)))
                 else:
-                    h_new = _rnn_step(steps, d, activations[d], x, h, W[d], R[d], B[d])
+                    h_new = _rnn_step(steps, params, activations[d], x, h)
                 h = steps.kept(t, h_new, h)
                 ys[t] = steps.kept(t, h_new, steps.zeros)  # zeros past a row's length
             outputs.append(w.op("Concat", *[w.op("Unsqueeze", y, w.ints(0)) for y in ys], axis=0))  # [T, B, H]

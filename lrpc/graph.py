@@ -69,6 +69,15 @@ class Program:
         program.output_types = {o.name: _copy(o) for o in model.graph.output if not o.type.HasField("tensor_type")}
         return program
 
+    def rebuilt(self, model: onnx.ModelProto, note: str) -> "Program":
+        """A program of ``model`` (this one's graph rewritten as a whole: inlined, converted)
+        that keeps what this one knows besides the graph: the deployed file, the notes."""
+        new = Program.from_model(model)
+        new.ir_version = max(self.ir_version, model.ir_version)
+        new.deployed = self.deployed
+        new.notes = self.notes + [note]
+        return new
+
     # -- fusion: exporter patterns seen as one op, restored before export ------------------
     def fuse(self, nodes: list[gs.Node], op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
         """Replace ``nodes`` by one node of the ``lrpc.fused`` domain (for analysis only).

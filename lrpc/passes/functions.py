@@ -13,7 +13,6 @@ def inline_functions(program: Program) -> Program:
         return program
     model = onnx.inliner.inline_local_functions(program.to_model())
     del model.functions[:]
-    new = Program.from_model(model)
+    new = program.rebuilt(model, "model-local functions inlined")
     new.ir_version, new.opset = program.ir_version, program.opset
-    new.notes = program.notes + ["model-local functions inlined"]
     return new

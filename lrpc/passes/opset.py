@@ -23,10 +23,7 @@ def upgrade_opset(program: Program, minimum: int = MIN_OPSET) -> Program:
         raise ModelLoadError(f"cannot upgrade opset {program.opset} to {minimum}: {str(exc).splitlines()[0]}") from None
     if program.opset < 7:
         upgraded = _prelu_slopes_per_channel(upgraded)
-    new = Program.from_model(upgraded)
-    new.ir_version = max(program.ir_version, upgraded.ir_version)
-    new.notes = program.notes + [f"opset {program.opset} upgraded to {minimum}"]
-    return new
+    return program.rebuilt(upgraded, f"opset {program.opset} upgraded to {minimum}")
 
 
 def _prelu_slopes_per_channel(model: onnx.ModelProto) -> onnx.ModelProto:

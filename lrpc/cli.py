@@ -114,6 +114,9 @@ def _add_model_options(p: argparse.ArgumentParser, composite: bool = True) -> No
                    help="the most constant folding may materialize, e.g. 512M or 2G (default: the larger of 256M "
                         "and the model's largest weight)")
     p.add_argument("--input-name", metavar="NAME", help="the model input to explain (default: the first)")
+    p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                   help="fix the explained input's dims for compilation, -1 keeps one dynamic (a recurrent layer over "
+                        "a dynamic sequence length is written out for that length)")
     p.add_argument("--input", dest="input_old", metavar="NAME", help=argparse.SUPPRESS)
     p.add_argument("--output-name", metavar="NAME",
                    help="the model output whose class is explained (default: the first with scores)")
@@ -204,7 +207,7 @@ def cmd_compile(args) -> int:
     model = compile_file(
         args.model, out, composite,
         max_constant_bytes=args.max_constant_bytes,
-        input_name=args.input_name, output_name=args.output_name,
+        input_name=args.input_name, output_name=args.output_name, input_shape=args.input_shape,
         normalize_output_relevance=not args.no_normalize_output_relevance,
         skip_checks=args.skip_checks,
         external_data=True if args.external_data else None,
@@ -232,7 +235,8 @@ def cmd_check(args) -> int:
     from .compiler import analyze_model
 
     analysis = analyze_model(args.model, input_name=args.input_name, output_name=args.output_name,
-                             skip_checks=True, max_constant_bytes=args.max_constant_bytes)
+                             skip_checks=True, max_constant_bytes=args.max_constant_bytes,
+                             input_shape=args.input_shape)
     report = analysis.report
     if not_a_network(report):
         print(f"lrpc: error: {not_a_network(report)}", file=sys.stderr)
@@ -251,7 +255,8 @@ def cmd_inspect(args) -> int:
 
     analysis = analyze_model(args.model, _composite_from_args(args), input_name=args.input_name,
                              output_name=args.output_name, skip_checks=args.skip_checks, position=args.position,
-                             split_layernorm=args.split_layernorm, max_constant_bytes=args.max_constant_bytes)
+                             split_layernorm=args.split_layernorm, max_constant_bytes=args.max_constant_bytes,
+                             input_shape=args.input_shape)
     _print_table(layer_table(analysis, with_rules=True))
     return 0
 
@@ -265,7 +270,7 @@ def _analyzer(args):
                position=args.position, split_layernorm=args.split_layernorm,
                max_constant_bytes=args.max_constant_bytes, relevance_at=args.relevance_at or (),
                report=args.report, targets=getattr(args, "top_classes", None) or 1, providers=args.providers,
-               threads=args.threads)
+               threads=args.threads, input_shape=args.input_shape)
 
 
 def cmd_export(args) -> int:
@@ -316,6 +321,14 @@ def cmd_explain(args) -> int:
 
 
 # -- argument types -------------------------------------------------------------------------------
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (give integers, e.g. 1,1,64,160; -1 keeps an axis "
+                                         "dynamic)") from None
 
 
 def _byte_size(text: str) -> int:

@@ -86,13 +86,19 @@ def analyze_model(
     split_layernorm: bool = False,
     max_constant_bytes: int | None = None,
     relevance_dtype: str | None = None,
+    input_shape=None,
 ) -> Analysis:
     """Everything up to emission: canonize, check, assign rules. A quantized or
     half-precision model is analysed through its float twin (:mod:`lrpc.deployed`);
-    ``relevance_dtype`` (``"float32"``, ``"float16"``) is the twin's precision."""
+    ``relevance_dtype`` (``"float32"``, ``"float16"``) is the twin's precision.
+    ``input_shape``: the explained input's dims fixed for compilation (a recurrent layer
+    over a dynamic sequence length is written out for that length); the compiled file
+    declares them."""
     composite = _as_composite(composite)
     proto = load_model(model)
     _refuse_compiled(proto)
+    if input_shape is not None:
+        proto = with_input_shape(proto, input_name, input_shape)
     relevance_type(relevance_dtype)  # validated before any work
     twin = analysis_twin(proto, relevance_dtype) if needs_twin(proto, relevance_dtype) else proto
     program = name_from_scopes(Program.from_model(twin), twin)
@@ -142,6 +148,7 @@ def compile(
     target_input: str = "optional",
     targets: int = 1,
     relevance_dtype: str | None = None,
+    input_shape=None,
 ) -> onnx.ModelProto:
     """Compile ``model`` (path or ModelProto) into an ONNX model that also returns ``relevance``.
 
@@ -164,12 +171,14 @@ def compile(
     each sample's top K), ``relevance`` ``[K·N, ...]``, target-major. ``relevance_dtype``:
     the precision of the relevance pass of a quantized or half-precision model
     (``"float32"``, the default, or ``"float16"``); without it ``relevance`` has the
-    explained input's dtype.
+    explained input's dtype. ``input_shape``: the explained input's dims, fixed for
+    compilation (``-1`` keeps one dynamic; needed for a recurrent layer over a dynamic
+    sequence length, whose time steps are written out).
     """
     analysis = analyze_model(
         model, composite, input_name=input_name, output_name=output_name,
         skip_checks=skip_checks, verbose=verbose, position=position, split_layernorm=split_layernorm,
-        max_constant_bytes=max_constant_bytes, relevance_dtype=relevance_dtype,
+        max_constant_bytes=max_constant_bytes, relevance_dtype=relevance_dtype, input_shape=input_shape,
     )
     return emit_model(analysis, normalize_output_relevance, relevance_at=relevance_at,
                       crp_layer=crp_layer, features=features, report=report, labels=labels,
@@ -280,7 +289,7 @@ def _deployed_file(program: Program, twin: onnx.ModelProto, relevance: str, rele
     """The deployed model's own forward in front of the compiled twin (lrpc.deployed.stitch),
     its opset raised to the twin's where the canonizing passes raised that; ``relevance``
     in the explained tensor's own dtype unless ``relevance_dtype`` was given."""
-    deployed = _without_stale_shapes(program.deployed)
+    deployed = program.deployed
     opset = default_opset(deployed)
     if opset < program.opset:
         try:
@@ -288,11 +297,39 @@ def _deployed_file(program: Program, twin: onnx.ModelProto, relevance: str, rele
         except Exception as exc:  # the converter raises bare RuntimeErrors
             raise LrpcError(f"cannot upgrade the deployed model's opset {opset} to {program.opset}: "
                             f"{str(exc).splitlines()[0]}") from None
+    deployed = _without_stale_shapes(deployed)  # (after the conversion: its hints are checked as converted)
     out_type = None
     if relevance_dtype is None:
         explained = _declared_type(deployed, program.explained_name)
         out_type = explained if explained in FLOATS else None
     return stitch(deployed, twin, relevance, out_type)
+
+
+def with_input_shape(model: onnx.ModelProto, input_name: str | None, shape) -> onnx.ModelProto:
+    """A copy of ``model`` whose explained input (``input_name``, else the first input that
+    is not a weight) has the dims ``shape`` (``-1`` or None keeps one as it is)."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    chosen = [i for i in inputs if i.name == input_name] if input_name else inputs[:1]
+    if not chosen:
+        raise LrpcError(f"the model has no input {input_name!r} to give a shape")
+    dims = chosen[0].type.tensor_type.shape.dim
+    try:
+        shape = [None if d is None or int(d) < 0 else int(d) for d in shape]
+    except (TypeError, ValueError):
+        raise LrpcError(f"input shape {shape!r}: give one integer per axis (-1 keeps an axis dynamic)") from None
+    if len(shape) != len(dims):
+        raise LrpcError(f"input shape {shape} has {len(shape)} axes; {chosen[0].name!r} has {len(dims)}")
+    for d, value in zip(dims, shape):
+        if value is not None and d.HasField("dim_value") and d.dim_value != value:
+            raise LrpcError(f"input shape {shape}: {chosen[0].name!r} has {d.dim_value} where {value} was given")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    target = next(i for i in out.graph.input if i.name == chosen[0].name)
+    for d, value in zip(target.type.tensor_type.shape.dim, shape):
+        if value is not None:
+            d.dim_value = value
+    return out
 
 
 def _proven_input_dims(program: Program) -> dict[str, list]:
@@ -326,9 +363,10 @@ def _declare_dims(model: onnx.ModelProto, dims: dict[str, list]) -> None:
 
 
 def _without_stale_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model``, or, when its intermediate shape annotations contradict what its ops make
-    (onnxruntime-genai's builder declares a ``[1]`` constant a scalar; onnxruntime ignores
-    such hints), ``model`` without them: the compiled file must pass the full check."""
+    """``model``, or, when its shape annotations contradict what its ops make (onnxruntime-genai's
+    builder declares a ``[1]`` constant a scalar; ddddocr a rank-3 output as rank 2; onnxruntime
+    ignores such hints), ``model`` without its intermediate ones, and if need be without its
+    outputs' shapes: the compiled file must pass the full check."""
     try:
         check(model, "the model", full=True)
         return model
@@ -337,11 +375,22 @@ def _without_stale_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
     del stripped.graph.value_info[:]
-    try:
-        check(stripped, "the model", full=True)
-    except LrpcError:
-        return model  # not the hints: the caller names what the checker says
-    return stripped
+    for attempt in ("hints", "output shapes"):
+        if attempt == "output shapes":  # ddddocr declares [1, seqlen] for a [T, 1, V] output:
+            for out in stripped.graph.output:  # the outputs get the shapes inference gives them
+                out.type.tensor_type.ClearField("shape")
+            try:
+                inferred = onnx.shape_inference.infer_shapes(stripped, data_prop=True)
+            except Exception:  # noqa: BLE001 - inference refuses what the checker then names
+                break
+            del stripped.graph.output[:]
+            stripped.graph.output.extend(inferred.graph.output)
+        try:
+            check(stripped, "the model", full=True)
+            return stripped
+        except LrpcError:
+            continue
+    return model  # not the hints: the caller names what the checker says
 
 
 def _declared_type(model: onnx.ModelProto, name: str) -> int | None:

@@ -97,6 +97,7 @@ class LRP:
         targets: int = 1,
         providers: list[str] | None = None,
         threads: int | None = None,
+        input_shape=None,
     ):
         from ..files import load_model
 
@@ -104,11 +105,11 @@ class LRP:
         options = dict(normalize_output_relevance=normalize_output_relevance, skip_checks=skip_checks,
                        verbose=verbose, input_name=input_name, output_name=output_name, relevance_at=tuple(relevance_at),
                        position=position, split_layernorm=split_layernorm, max_constant_bytes=max_constant_bytes,
-                       report=report, targets=targets)
+                       report=report, targets=targets, input_shape=input_shape)
         if _is_compiled(proto):
             if (composite is not None or not normalize_output_relevance or input_name or output_name or relevance_at
                     or position is not None or split_layernorm or max_constant_bytes is not None or report
-                    or targets != 1):
+                    or targets != 1 or input_shape is not None):
                 raise LrpcError("the model is already compiled: its rules and options are fixed; "
                                 "pass the original model to change them")
             self.source, self.composite, self.options = None, None, options
@@ -125,7 +126,7 @@ class LRP:
                                  output_name=opts["output_name"], skip_checks=opts["skip_checks"],
                                  verbose=opts["verbose"], position=opts["position"],
                                  split_layernorm=opts["split_layernorm"],
-                                 max_constant_bytes=opts["max_constant_bytes"])
+                                 max_constant_bytes=opts["max_constant_bytes"], input_shape=opts["input_shape"])
         model = emit_model(analysis, opts["normalize_output_relevance"], relevance_at=opts["relevance_at"],
                            report=opts["report"] and not concept, labels=True,
                            targets=1 if concept else opts["targets"], **concept)

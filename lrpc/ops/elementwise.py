@@ -158,7 +158,10 @@ def _where_check(node: gs.Node, acts: list[int]) -> str | None:
 #: AttnLRP's identity rule). SiLU and the Gelu/HardSwish patterns of old exporters are
 #: fused into these by lrpc.passes.fusion.
 ACTIVATIONS = ["Relu", "LeakyRelu", "Clip", "PRelu", "HardSwish", "Gelu", "SiLU", "Swish", "Elu", "Selu", "Celu",
-               "Mish", "Softplus", "Tanh", "Sigmoid"]
+               "Mish", "Softplus", "Tanh", "Sigmoid",
+               # powers by a constant and square roots: an STFT front end's magnitude
+               # √(re² + im²) shares its relevance between re and im by re² and im²
+               "Pow", "Sqrt"]
 
 
 def activation_spec(op_type: str) -> OpSpec:

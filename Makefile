@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml
 	# transformers imports torchvision whenever it is installed; nothing here needs it
 	# (the tests stub the one module zennit imports)
 	$(PY) -m pip uninstall -q -y torchvision
-	# models from the wild for the tests: the ONNX files inside the rapidocr wheel (read from
-	# the wheel itself; the package and its dependencies are not installed)
-	$(PY) -m pip download -q --no-deps rapidocr-onnxruntime==1.4.4 -d $(VENV)/wheels
+	# models from the wild for the tests: the ONNX files inside the rapidocr, ddddocr and
+	# silero-vad wheels (read from the wheels themselves; the packages are not installed)
+	$(PY) -m pip download -q --no-deps rapidocr-onnxruntime==1.4.4 ddddocr==1.6.1 silero-vad==6.2.3 -d $(VENV)/wheels
 	touch $(STAMP)
 
 $(SERVE_STAMP): pyproject.toml

@@ -32,14 +32,18 @@ DIGITS = ROOT / "examples" / "digits"
 LRPC = [sys.executable, "-m", "lrpc.cli"]
 
 
-def rapidocr_model(tmp_path: Path, name: str) -> Path:
-    """A model from the rapidocr wheel ``make`` downloads (read from the wheel itself)."""
-    wheels = sorted((Path(sys.prefix) / "wheels").glob("rapidocr_onnxruntime-*.whl"))
-    assert wheels, "make install downloads the rapidocr wheel into .venv/wheels"
+def wheel_model(tmp_path: Path, wheel_glob: str, member: str) -> Path:
+    """A model from a wheel ``make`` downloads into .venv/wheels (read from the wheel itself)."""
+    wheels = sorted((Path(sys.prefix) / "wheels").glob(wheel_glob))
+    assert wheels, f"make install downloads {wheel_glob} into .venv/wheels"
     with zipfile.ZipFile(wheels[-1]) as wheel:
-        path = tmp_path / name
-        path.write_bytes(wheel.read(f"rapidocr_onnxruntime/models/{name}"))
+        path = tmp_path / Path(member).name
+        path.write_bytes(wheel.read(member))
     return path
+
+
+def rapidocr_model(tmp_path: Path, name: str) -> Path:
+    return wheel_model(tmp_path, "rapidocr_onnxruntime-*.whl", f"rapidocr_onnxruntime/models/{name}")
 
 
 LIGHT_SQUEEZENET = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
@@ -504,3 +508,50 @@ def test_merge_epsilon(cli, tmp_path):
     damped = lrpc.LRP(str(path), lrpc.composites.with_merge_epsilon(lrpc.EpsilonPlus(), 0.25)).analyze(x).val
     assert not np.allclose(plain, damped)
     assert cli("inspect", path, "--merge-epsilon", "-1").code == 2
+
+
+# -- recurrent and audio models shipped in wheels -------------------------------------------
+
+
+def _explained_alike(path: Path, feeds: dict, **options):
+    """Compile, run the compiled file and the file itself: (compiled outputs, own outputs)."""
+    import onnxruntime as ort
+
+    compiled = lrpc.compile(str(path), lrpc.EpsilonPlusFlat(), verbose=False, **options)
+    session = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    own = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    return outputs, own
+
+
+def test_ddddocr_crnn_explains_at_a_fixed_width(tmp_path):
+    """ddddocr's OCR model, a CRNN (convolutions, a bidirectional LSTM over the image's
+    width, CTC logits ``[T, 1, V]``): the width is dynamic, so the LSTM is named with that
+    reason; with ``input_shape`` fixing it, the LSTM's steps are written out and the file
+    explains, its outputs the file's own."""
+    path = wheel_model(tmp_path, "ddddocr-*.whl", "ddddocr/common.onnx")
+    with pytest.raises(lrpc.UnsupportedModelError, match="dynamic sequence length"):
+        lrpc.compile(str(path))
+    x = np.random.default_rng(0).random((1, 1, 64, 96)).astype(np.float32)
+    outputs, own = _explained_alike(path, {"input1": x}, input_shape=[1, 1, 64, 96])
+    assert np.array_equal(outputs[next(iter(outputs))], own[0])
+    relevance = outputs["relevance"]
+    assert relevance.shape == x.shape and np.isfinite(relevance).all() and np.abs(relevance).max() > 0
+
+
+def test_silero_vad_explains_through_its_stft_front_end_and_lstm(tmp_path):
+    """silero-vad's 16 kHz file (reflect-padded STFT as convolutions, the magnitude
+    √(re² + im²), a convolutional encoder, an LSTM step with its state as an input, a
+    sigmoid speech probability): outputs and state the file's own; the file that branches
+    on its sampling-rate input names the If as control flow."""
+    path = wheel_model(tmp_path, "silero_vad-*.whl", "silero_vad/data/silero_vad_openvino_16k.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {"input": (0.1 * rng.standard_normal((1, 576))).astype(np.float32),
+             "state": (0.1 * rng.standard_normal((2, 1, 128))).astype(np.float32)}
+    outputs, own = _explained_alike(path, feeds)
+    assert np.array_equal(outputs["output"], own[0]) and np.array_equal(outputs["stateN"], own[1])
+    relevance = outputs["relevance"]
+    assert relevance.shape == (1, 576) and np.isfinite(relevance).all() and np.abs(relevance).max() > 0
+    branching = wheel_model(tmp_path, "silero_vad-*.whl", "silero_vad/data/silero_vad.onnx")
+    with pytest.raises(lrpc.UnsupportedModelError, match="control flow"):
+        lrpc.compile(str(branching))

@@ -115,8 +115,8 @@ def _add_model_options(p: argparse.ArgumentParser, composite: bool = True) -> No
                         "and the model's largest weight)")
     p.add_argument("--input-name", metavar="NAME", help="the model input to explain (default: the first)")
     p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
-                   help="fix the explained input's dims for compilation, -1 keeps one dynamic (a recurrent layer over "
-                        "a dynamic sequence length is written out for that length)")
+                   help="fix the explained input's dims for compilation, e.g. ?,1,64,160 (? or a name keeps an axis "
+                        "dynamic; a recurrent layer over a dynamic sequence length is written out for that length)")
     p.add_argument("--input", dest="input_old", metavar="NAME", help=argparse.SUPPRESS)
     p.add_argument("--output-name", metavar="NAME",
                    help="the model output whose class is explained (default: the first with scores)")
@@ -323,12 +323,19 @@ def cmd_explain(args) -> int:
 # -- argument types -------------------------------------------------------------------------------
 
 
-def _shape(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (give integers, e.g. 1,1,64,160; -1 keeps an axis "
-                                         "dynamic)") from None
+def _shape(text: str) -> list[int | None]:
+    """``1,1,64,160``; ``?`` (or a name such as ``N``, or -1) keeps an axis dynamic."""
+    dims = []
+    for part in (p.strip() for p in text.split(",")):
+        if part == "?" or part.isidentifier():
+            dims.append(None)
+            continue
+        try:
+            dims.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a shape: {text!r} (give integers, e.g. 1,1,64,160; ? or a name "
+                                             "keeps an axis dynamic)") from None
+    return dims
 
 
 def _byte_size(text: str) -> int:

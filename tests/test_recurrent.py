@@ -203,3 +203,34 @@ def test_dynamic_sequence_length_is_refused_with_its_reason():
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "T"
     with pytest.raises(lrpc.UnsupportedModelError, match="dynamic sequence length"):
         lrpc.compile(model)
+
+
+def _dynamic_length_export(tmp_path):
+    model = _model("LSTM")
+    path = tmp_path / "lstm.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.from_numpy(_input()),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N", 1: "T"}})
+    return path
+
+
+def test_input_shape_fixes_a_dynamic_sequence_length(tmp_path, cli):
+    """Exported with a dynamic length, the LSTM is written out for the length given at
+    compile time (and the compiled file declares it); the relevance is the reference's."""
+    path = _dynamic_length_export(tmp_path)
+    with pytest.raises(lrpc.UnsupportedModelError, match="dynamic sequence length"):
+        lrpc.compile(str(path))
+    compiled = lrpc.compile(str(path), EPSILON, input_shape=[-1, STEPS, FEATURES], verbose=False)
+    dims = [d.dim_value or d.dim_param for d in compiled.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [STEPS, FEATURES]
+    x, model = _input(), _model("LSTM")
+    outputs = _run(compiled, {"x": x, "lrp_target": TARGET})
+    relevance = outputs[[o.name for o in compiled.graph.output].index("relevance")]
+    _, want = ref.stack_lrp("LSTM", ref.torch_layers(model.rnn, "LSTM"), x, model.head.weight.detach().double().numpy(),
+                            model.head.bias.detach().double().numpy(), TARGET, EPS)
+    assert _relative(relevance, want) < TOLERANCE
+    out = tmp_path / "lstm.lrp.onnx"
+    assert cli("compile", path, "-o", out, "--input-shape", f"N,{STEPS},{FEATURES}").code == 0 and out.exists()
+    for bad, says in (("2,6.5,5", "not a shape"), ("2,6", "has 2 axes"), ("3,6,9", "has 5 where 9 was given")):
+        result = cli("compile", path, "-o", tmp_path / "bad.onnx", "--input-shape", bad)
+        assert result.code != 0 and says in result.err and len(result.err.strip().splitlines()) <= 2, result.err

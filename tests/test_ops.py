@@ -370,6 +370,23 @@ def test_conv_transpose():
     check_chain(model, rand(2, 3, 4, 4), [(fn, "eps"), (flat, "eps")])
 
 
+@pytest.mark.parametrize("attrs, shape, crop", [
+    # 9 × 8 from 5 × 4 (11 × 9 unpadded): total padding (2, 1), the odd one at the start
+    ({"output_shape": [9, 8]}, (2, 3, 5, 4), (slice(1, 10), slice(1, 9))),
+    # output = input · stride = 10 from 5 (11 unpadded): SAME_UPPER crops the end, SAME_LOWER the start
+    ({"auto_pad": "SAME_UPPER"}, (2, 3, 5, 5), (slice(0, 10), slice(0, 10))),
+    ({"output_shape": [10, 10], "auto_pad": "SAME_LOWER"}, (2, 3, 5, 5), (slice(1, 11), slice(1, 11))),
+], ids=["output-shape", "same-upper", "output-shape-same-lower"])
+def test_conv_transpose_with_output_shape_or_auto_pad(attrs, shape, crop):
+    """The pads ONNX derives from ``output_shape`` / ``auto_pad``: torch's unpadded
+    transposed convolution, cropped."""
+    w, b = rand(3, 4, 3, 3), rand(4)
+    model = build([helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[2, 2], **attrs), flatten()],
+                  {"w": w, "b": b}, shape)
+    fn = lambda x: F.conv_transpose2d(x, t(w), t(b), stride=2)[..., crop[0], crop[1]]  # noqa: E731
+    check_chain(model, rand(*shape), [(fn, "eps"), (flat, "eps")])
+
+
 def test_split_routes_each_part_and_zeros_the_unused_one():
     model = build(
         [

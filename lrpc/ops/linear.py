@@ -66,24 +66,54 @@ def _stride_one_conv_vjp(em, layer, s, weight, kernel, group):
     return em.sym(em.op("Conv", [s, flipped], attrs, dtype=em.dtype))
 
 
+def _transpose_pads(node: gs.Node) -> list[int] | str:
+    """A transposed convolution's explicit pads: given, or what ``output_shape`` or
+    ``auto_pad`` make of the input's static spatial size (the ONNX definition's
+    ``total_padding``, split as ``auto_pad`` says: SAME_UPPER puts the smaller half first)."""
+    n = len(static_shape(node.inputs[1])) - 2
+    auto = text_attr(node, "auto_pad", "NOTSET") or "NOTSET"
+    if auto == "NOTSET" and "output_shape" not in node.attrs:
+        return int_list(node, "pads", [0] * (2 * n))
+    if auto == "VALID":
+        return [0] * (2 * n)
+    x_shape = static_shape(node.inputs[0])
+    if x_shape is None or None in x_shape[2:]:
+        return "output_shape / auto_pad with dynamic spatial sizes"
+    strides, dilations = int_list(node, "strides", [1] * n), int_list(node, "dilations", [1] * n)
+    extra = int_list(node, "output_padding", [0] * n)
+    kernel = static_shape(node.inputs[1])[2:]
+    spatial = x_shape[2:]
+    wanted = list(node.attrs["output_shape"])[-n:] if "output_shape" in node.attrs else \
+        [size * stride for size, stride in zip(spatial, strides)]
+    begin, end = [], []
+    for size, stride, dilation, pad, k, out in zip(spatial, strides, dilations, extra, kernel, wanted):
+        total = stride * (size - 1) + pad + ((k - 1) * dilation + 1) - int(out)
+        if total < 0:
+            return f"an output_shape {wanted} beyond what the kernel reaches (negative padding)"
+        small, large = total // 2, total - total // 2
+        begin.append(small if auto == "SAME_UPPER" else large)
+        end.append(large if auto == "SAME_UPPER" else small)
+    return begin + end
+
+
 def _conv_transpose_check(node: gs.Node, acts: list[int]) -> str | None:
     problem = _constant_weights(node, acts)
     if problem:
         return problem
-    if text_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "") or "output_shape" in node.attrs:
-        return "auto_pad / output_shape are not supported; export with explicit pads"
-    return None
+    pads = _transpose_pads(node)
+    return pads if isinstance(pads, str) else None
 
 
 def _conv_transpose_vjp(em, layer, inputs, params, s):
-    """The adjoint of a transposed convolution is the convolution with the same weights."""
+    """The adjoint of a transposed convolution is the convolution with the same weights
+    (and its pads explicit: given, or what ``output_shape`` / ``auto_pad`` make)."""
     node = layer.node
     n = len(static_shape(node.inputs[1])) - 2
     attrs = {
         "kernel_shape": list(static_shape(node.inputs[1])[2:]),
         "strides": int_list(node, "strides", [1] * n),
         "dilations": int_list(node, "dilations", [1] * n),
-        "pads": int_list(node, "pads", [0] * (2 * n)),
+        "pads": _transpose_pads(node),
         "group": int(node.attrs.get("group", 1)),
     }
     return [em.sym(em.op("Conv", [s, params["weight"]], attrs, dtype=em.dtype))]

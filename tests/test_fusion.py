@@ -304,3 +304,48 @@ def test_local_response_norm_pattern_is_fused():
     lrn = lambda x: torch.nn.functional.local_response_norm(x, 5, alpha=1e-2, beta=0.75, k=2.0)  # noqa: E731
     check_chain(model, rand(2, 6, 3, 3), [(lrn, "pass"), (lambda y: y.reshape(2, -1), "pass"), (lambda f: f @ t(w), "eps")],
                 lrpc.EpsilonPlus())
+
+
+GAMMA, BETA = rand(5, positive=True), rand(5)
+
+
+def _normalization_between_dense(spelled: bool, kind: str):
+    """``x · W1 -> LayerNorm / RMSNorm -> · W2``: the op, or written out in a spelling the
+    patterns do not know (``c · c`` for the square, the root as ``Pow(·, ±½)``)."""
+    consts = [c("gamma", GAMMA), c("beta", BETA), c("eps", 1e-5), c("half", 0.5), c("minus_half", -0.5),
+              numpy_helper.from_array(np.array([-1], np.int64), "axes")]
+    if not spelled:
+        node = helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["a"], axis=-1, epsilon=1e-5) \
+            if kind == "layernorm" else helper.make_node("RMSNormalization", ["h", "gamma"], ["a"], axis=-1,
+                                                         epsilon=1e-5)
+        nodes = [node]
+    elif kind == "layernorm":
+        nodes = [helper.make_node("ReduceMean", ["h", "axes"], ["m"], keepdims=1),
+                 helper.make_node("Sub", ["h", "m"], ["cen"]), helper.make_node("Mul", ["cen", "cen"], ["sq"]),
+                 helper.make_node("ReduceMean", ["sq", "axes"], ["var"], keepdims=1),
+                 helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Pow", ["ve", "minus_half"], ["inv"]),
+                 helper.make_node("Mul", ["cen", "inv"], ["n"]),
+                 helper.make_node("Mul", ["n", "gamma"], ["g"]), helper.make_node("Add", ["g", "beta"], ["a"])]
+    else:
+        nodes = [helper.make_node("Mul", ["h", "h"], ["sq"]),
+                 helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+                 helper.make_node("Add", ["ms", "eps"], ["me"]), helper.make_node("Pow", ["me", "half"], ["rms"]),
+                 helper.make_node("Div", ["h", "rms"], ["n"]), helper.make_node("Mul", ["n", "gamma"], ["a"])]
+    model = between_dense(nodes, consts)
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", 23)])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_normalization_in_an_unknown_spelling_has_the_ops_relevance(kind):
+    """Written out in a spelling no pattern matches, the statistic still is held constant
+    (a reciprocal or a divisor of the signal) and the centring is a merge with a mean: the
+    relevance is LayerNormRule's on the op itself."""
+    x = rand(4, 6)
+    got = [lrpc.LRP(_normalization_between_dense(spelled, kind), lrpc.AttnLRP(epsilon=1e-9), verbose=False)
+           .analyze(x, [0, 1, 2, 0]) for spelled in (True, False)]
+    spelled_ops = {n.op for n in analyze_model(_normalization_between_dense(True, kind)).program.graph.nodes}
+    assert not {"LayerNormalization", "RMSNormalization"} & spelled_ops  # not fused: held constant instead
+    np.testing.assert_allclose(got[0].output, got[1].output, rtol=1e-5, atol=1e-6)
+    assert np.abs(got[0].val - got[1].val).max() <= 1e-4 * np.abs(got[1].val).max()

@@ -67,25 +67,19 @@ _STATISTIC_STEPS = {"Add", "Sub", "Mul", "Div", "Sqrt", "Pow", "Reciprocal", "Cl
 
 
 def is_statistic(tensor, limit: int = 8) -> bool:
-    """``tensor`` is computed from an activation through a reduction (a norm, a mean, a
-    sum) or a ``Reciprocal``, by elementwise steps: ConvNeXt-V2's GRN factor
-    ``‖x‖ / mean(‖x‖)``, the ``1 / ‖x‖`` of an L2-normalize."""
-    frontier, seen = [tensor], set()
-    for _ in range(limit):
-        following = []
-        for t in frontier:
-            if isinstance(t, gs.Constant) or len(t.inputs) != 1 or id(t) in seen:
-                continue
-            seen.add(id(t))
-            node = t.inputs[0]
-            if node.op in REDUCTIONS or node.op == "Reciprocal":
-                return True
-            if node.op in _STATISTIC_STEPS:
-                following += [x for x in node.inputs if not isinstance(x, gs.Constant) and x.name]
-        if not following:
-            return False
-        frontier = following
-    return False
+    """``tensor`` is computed from reductions of the activation (a norm, a mean, a sum) and
+    constants only, by elementwise steps: ConvNeXt-V2's GRN factor ``‖x‖ / mean(‖x‖)``, a
+    written-out norm's ``(mean(c²) + ε)^−½``. Every path from the activation passes a
+    reduction: ``x − mean(x)`` is not a statistic."""
+    if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1 or limit < 0:
+        return False
+    node = tensor.inputs[0]
+    if node.op in REDUCTIONS:
+        return True
+    if node.op not in _STATISTIC_STEPS:
+        return False
+    operands = [t for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
+    return bool(operands) and all(is_statistic(t, limit - 1) for t in operands)
 
 
 def _held_constant(node: gs.Node, slot: int) -> bool:

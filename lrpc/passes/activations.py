@@ -124,17 +124,17 @@ def _apply(node: gs.Node, args: list) -> np.ndarray | None:
 def _candidate_inputs(seed: gs.Node) -> list:
     """Tensors the seed's input is computed from elementwise, nearest last: each may be
     the activation's ``x`` (a bias ``Add`` before it ends the walk: its bias is a vector)."""
-    found, tensor = [], seed.inputs[0]
-    seen = set()
-    stack = [tensor]
-    while stack:
-        t = stack.pop()
-        if id(t) in seen or isinstance(t, gs.Constant):
-            continue
-        seen.add(id(t))
-        found.append(t)
-        if len(t.inputs) == 1 and _is_elementwise(t.inputs[0]):
-            stack.extend(x for x in t.inputs[0].inputs if x.name and not isinstance(x, gs.Constant))
+    found, seen, level = [], set(), [seed.inputs[0]]
+    for _ in range(REACH + 2):  # a GELU's x lies 5 ops above its Tanh; an LSTM's chain of cells would not end
+        following = []
+        for t in level:
+            if id(t) in seen or isinstance(t, gs.Constant):
+                continue
+            seen.add(id(t))
+            found.append(t)
+            if len(t.inputs) == 1 and _is_elementwise(t.inputs[0]):
+                following.extend(x for x in t.inputs[0].inputs if x.name and not isinstance(x, gs.Constant))
+        level = following
     return found[::-1]
 
 

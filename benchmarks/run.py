@@ -90,10 +90,13 @@ class Timing:
 # the contenders
 # --------------------------------------------------------------------------------------------------
 
-def ort_options(threads: int, profile_prefix: str | None = None):
+def ort_options(threads: int, profile_prefix: str | None = None, mem_pattern: bool = True):
+    """Session options of the timings; ``mem_pattern=False`` is what lrpc's own sessions use
+    (``lrpc.runtime.session.make_session``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_mem_pattern = mem_pattern
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -105,12 +108,13 @@ def ort_options(threads: int, profile_prefix: str | None = None):
     return options
 
 
-def ort_session(model, threads: int, profile_prefix: str | None = None, providers=('CPUExecutionProvider',)):
+def ort_session(model, threads: int, profile_prefix: str | None = None, providers=('CPUExecutionProvider',),
+                mem_pattern: bool = True):
     """``(session, seconds to create it)``; ``model`` is a path or serialized bytes."""
     import onnxruntime as ort
 
     start = time.perf_counter()
-    session = ort.InferenceSession(model, ort_options(threads, profile_prefix), providers=list(providers))
+    session = ort.InferenceSession(model, ort_options(threads, profile_prefix, mem_pattern), providers=list(providers))
     if session.get_providers()[0] != providers[0]:  # onnxruntime falls back to the CPU without a word
         raise RuntimeError(f'{providers[0]} is not available: the session runs on {session.get_providers()}')
     return session, time.perf_counter() - start

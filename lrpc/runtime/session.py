@@ -65,7 +65,8 @@ def resolve_providers(requested) -> list[str]:
 
 
 def make_session(model: onnx.ModelProto | str | bytes, providers=None, threads: int | None = None):
-    """An InferenceSession with full graph optimization (folds the rule-modified weights once).
+    """An InferenceSession with full graph optimization (folds the rule-modified weights once)
+    and without onnxruntime's memory pattern (see below).
     A model too large for one protobuf message is handed over as a file with external data."""
     import onnxruntime as ort
 
@@ -74,6 +75,11 @@ def make_session(model: onnx.ModelProto | str | bytes, providers=None, threads: 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # onnxruntime's memory pattern plans one arena block for the whole run: for a compiled
+    # file, whose forward activations all live until the relevance pass reads them, that
+    # plan is 1.5x the peak of allocating as it goes (ResNet-50, batch 8: 2.35 against 1.5
+    # GiB) at the same speed (BENCHMARKS.md, "Peak memory")
+    options.enable_mem_pattern = False
     if threads:
         if int(threads) < 1:
             raise LrpcError(f"threads must be at least 1, got {threads}")

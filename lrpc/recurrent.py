@@ -38,6 +38,8 @@ from .contrib import Unsupported, _arg, _attrs, _out, _text, _Writer
 #: activations a gate may have (what the Mul spec holds constant) and a signal may have
 GATE_ACTIVATIONS = {"Sigmoid", "HardSigmoid"}
 SIGNAL_ACTIVATIONS = {"Tanh", "Relu", "LeakyRelu", "Elu", "Softplus", "Softsign", "Sigmoid", "HardSigmoid"}
+#: the longest sequence written out (T = 256 compiles in about 30 s on a 2-core CPU)
+MAX_STEPS = 2048
 #: the gates of each op in ONNX's order, and its default activations (one direction)
 GATES = {"LSTM": ("i", "o", "f", "c"), "GRU": ("z", "r", "h"), "RNN": ("h",)}
 DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
@@ -101,6 +103,9 @@ class _Steps:
         if not isinstance(self.length, int):
             raise Unsupported("a dynamic sequence length (the time steps are written out at compile time: "
                               "export with a fixed sequence length)")
+        if self.length > MAX_STEPS:
+            raise Unsupported(f"{self.length} time steps (at most {MAX_STEPS} are written out: about 360 nodes "
+                              "per step and layer; compile time grows with them)")
         if kind == "LSTM" and a.get("input_forget", 0):
             raise Unsupported("coupled input and forget gates (input_forget)")
         self.hidden = int(a["hidden_size"])

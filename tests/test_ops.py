@@ -686,6 +686,16 @@ def test_resize_interpolation_is_linear_with_its_transpose_as_vjp(name):
     check_chain(model, rand(2, 3, 5, 4), [(fn, "eps"), (flat, "eps")])
 
 
+def test_resize_asking_for_a_huge_interpolation_matrix_is_refused_before_it_is_made():
+    model = build([helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear"),
+                   helper.make_node("ReduceMean", ["y"], ["m"], keepdims=0), helper.make_node("Unsqueeze", ["m", "ax"],
+                                                                                         ["logits"])],
+                  {"scales": np.array([1, 1, 1, 20000], dtype=np.float32), "ax": np.array([0, 1], np.int64)},
+                  (1, 1, 1, 4000), dynamic_batch=False)
+    with pytest.raises(lrpc.UnsupportedModelError, match="interpolation matrix of"):
+        lrpc.compile(model)
+
+
 def test_resize_of_dynamic_sizes_by_a_fraction_is_refused_with_its_reason():
     model = build(
         [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear"), flatten()],

@@ -234,3 +234,12 @@ def test_input_shape_fixes_a_dynamic_sequence_length(tmp_path, cli):
     for bad, says in (("2,6.5,5", "not a shape"), ("2,6", "has 2 axes"), ("3,6,9", "has 5 where 9 was given")):
         result = cli("compile", path, "-o", tmp_path / "bad.onnx", "--input-shape", bad)
         assert result.code != 0 and says in result.err and len(result.err.strip().splitlines()) <= 2, result.err
+
+
+def test_a_sequence_longer_than_is_written_out_is_refused_with_its_reason():
+    from lrpc.recurrent import MAX_STEPS
+
+    model, _, _ = _hand_built("LSTM", 1, None)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = MAX_STEPS + 1
+    with pytest.raises(lrpc.UnsupportedModelError, match=f"{MAX_STEPS + 1} time steps"):
+        lrpc.compile(model)

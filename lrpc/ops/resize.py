@@ -114,9 +114,23 @@ def _matrix(attrs: tuple, length: int, scale: float, size: int | None) -> np.nda
     return np.ascontiguousarray(out[:, 0, 0, :].T)
 
 
+#: the largest interpolation matrix written into the relevance pass (a 4096 → 8192 axis
+#: is 128 MiB); a file asking for more is refused rather than allocated
+MAX_MATRIX_BYTES = 256 * 2**20
+
+
 def _matrices_known(node: gs.Node) -> bool:
     axes = _resampled_axes(node)
     return not isinstance(axes, str) and all(isinstance(n, int) for n, _, _ in axes.values())
+
+
+def _matrix_bytes(node: gs.Node) -> int:
+    """The bytes of the largest of the node's interpolation matrices."""
+    largest = 0
+    for length, scale, size in _resampled_axes(node).values():
+        out = size if size is not None else int(np.floor(length * scale))
+        largest = max(largest, 4 * int(length) * max(out, 1))
+    return largest
 
 
 def _block_factors(node: gs.Node) -> list[int] | str:
@@ -147,6 +161,9 @@ def _resize_check(node: gs.Node, acts: list[int]) -> str | None:
     if isinstance(axes, str):
         return axes
     if _matrices_known(node):
+        size = _matrix_bytes(node)
+        if size > MAX_MATRIX_BYTES:
+            return f"an interpolation matrix of {size:,} bytes (over {MAX_MATRIX_BYTES:,})"
         return None
     factors = _block_factors(node)
     return factors if isinstance(factors, str) else None

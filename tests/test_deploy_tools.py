@@ -88,7 +88,8 @@ def _forms() -> Path:
 
     python = _deploy_python()
     script = Path(tools.__file__)
-    key = hashlib.sha256(script.read_bytes() + os.path.realpath(python).encode()).hexdigest()[:16]
+    sources = script.read_bytes() + (script.parent / "random_weights.py").read_bytes()
+    key = hashlib.sha256(sources + os.path.realpath(python).encode()).hexdigest()[:16]
     root = Path(os.environ.get("LRPC_TEST_CACHE", Path(tempfile.gettempdir()) / "lrpc-test-exports"))
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"deploy-forms-{key}"

@@ -41,10 +41,11 @@ KV_HEADS = {"gpt2": 4, "llama": 2, "qwen2": 2, "mistral": 2, "phi3": 2}
 
 
 def build(name: str, seed: int = 0):
-    """The model in eval mode with every parameter drawn from N(0, 0.3²) (norm scales from
-    1 + N(0, 0.3²)); Hugging Face's zero biases and unit norms would hide mistakes."""
+    """The model in eval mode with every parameter drawn at random (support.random_weights)."""
     import torch
     import transformers as t
+
+    from support.random_weights import randomize
 
     common = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
     decoder = dict(vocab_size=VOCAB, hidden_size=HIDDEN, max_position_embeddings=64, tie_word_embeddings=False,
@@ -76,14 +77,7 @@ def build(name: str, seed: int = 0):
         "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(num_key_value_heads=2, pad_token_id=0, original_max_position_embeddings=64, **decoder)),
     }
     torch.manual_seed(seed)
-    model = configs[name]()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator) * 0.3
-            is_scale = ("norm" in pname.lower() or "ln_" in pname) and pname.endswith("weight")
-            p.copy_(noise + 1.0 if is_scale else noise)
-    return model.eval()
+    return randomize(configs[name](), seed)
 
 
 def _save(name: str, folder: Path) -> None:
@@ -115,6 +109,7 @@ def write(out: Path, name: str) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder: support.random_weights
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 

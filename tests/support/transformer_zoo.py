@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .export import _quiet
+from .random_weights import randomize
 
 NAMES = ("bert", "vit", "gpt2", "llama")
 ATTENTIONS = ("eager", "sdpa")
@@ -74,13 +75,7 @@ def build(name: str, attn: str = "eager", seed: int = 0) -> torch.nn.Module:
             intermediate_size=64, max_position_embeddings=32, **common))
     else:
         raise KeyError(name)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator) * 0.3
-            is_scale = ("norm" in pname.lower() or "ln_" in pname) and pname.endswith("weight")
-            p.copy_(noise + 1.0 if is_scale else noise)
-    return model.eval()
+    return randomize(model, seed)
 
 
 def is_text(name: str) -> bool:
@@ -161,7 +156,7 @@ def _cache_dir() -> Path:
 def _key(*parts) -> str:
     import transformers
 
-    source = Path(__file__).read_bytes()
+    source = Path(__file__).read_bytes() + (Path(__file__).parent / "random_weights.py").read_bytes()
     digest = hashlib.sha256(source + repr((parts, torch.__version__, transformers.__version__)).encode())
     return digest.hexdigest()[:20]
 

@@ -75,24 +75,14 @@ def _scatter_back(em, layer, s, select):
     return [em.sym(em.op("Reshape", [scattered, shape], dtype=em.dtype))]
 
 
-def _slice_vjp(em, layer, inputs, params, s):
-    return _scatter_back(em, layer, s, lambda index: em.op("Slice", [index, *layer.node.inputs[1:]], dtype=np.int64))
-
-
-def _gather_vjp(em, layer, inputs, params, s):
-    """Gather on an activation (the class token ``x[:, 0]``, the last position): relevance
-    scattered back into zeros at the gathered positions."""
-    axis = int(layer.node.attrs.get("axis", 0))
-    return _scatter_back(em, layer, s, lambda index: em.op("Gather", [index, layer.node.inputs[1]], {"axis": axis},
-                                                             dtype=np.int64))
-
-
-def _gather_elements_vjp(em, layer, inputs, params, s):
-    """GatherElements on an activation (DeBERTa's relative-position scores picked by
-    integer indices): routing, like Gather, scatter-added back where each value came from."""
-    axis = int(layer.node.attrs.get("axis", 0))
-    return _scatter_back(em, layer, s, lambda index: em.op("GatherElements", [index, layer.node.inputs[1]],
-                                                             {"axis": axis}, dtype=np.int64))
+def _picking_vjp(em, layer, inputs, params, s, others=None):
+    """The VJP of an op that picks input elements, replayed on the input's flat indices with
+    the node's own other inputs (``others``: where the data's dtype is in them) and
+    attributes: Slice, Gather on an activation (the class token, the last position),
+    GatherElements (DeBERTa's relative-position scores), Pad copying values into its border."""
+    node = layer.node
+    rest = list(node.inputs[1:]) if others is None else others
+    return _scatter_back(em, layer, s, lambda index: em.op(node.op, [index, *rest], dict(node.attrs), dtype=np.int64))
 
 
 def _expand_vjp(em, layer, inputs, params, s):
@@ -132,10 +122,9 @@ def _pad_vjp(em, layer, inputs, params, s):
     node = layer.node
     axes = [node.inputs[3]] if len(node.inputs) > 3 and node.inputs[3].name else []  # opset 18's axes
     mode = text_attr(node, "mode", "constant")
-    if mode != "constant":
-        extra = [em.const(0, np.int64), *axes] if axes else []
-        return _scatter_back(em, layer, s, lambda index: em.op("Pad", [index, node.inputs[1], *extra],
-                                                                 {"mode": mode}, dtype=np.int64))
+    if mode != "constant":  # the index tensor's pad value is an int (the data's is a float)
+        return _picking_vjp(em, layer, inputs, params, s,
+                            [node.inputs[1], *([em.const(0, np.int64), *axes] if axes else [])])
     back = [s, em.op("Neg", [node.inputs[1]], dtype=np.int64)]
     if axes:
         back += [em.const(0.0), *axes]
@@ -161,9 +150,9 @@ SPECS = [
     OpSpec("Cast", Kind.ROUTING, identity_vjp, route=identity_route, check=_cast_check),
     OpSpec("Concat", Kind.MERGE, _concat_vjp, check=_rank_known),
     OpSpec("Split", Kind.ROUTING, route_outputs=_split_route, check=_split_check),
-    OpSpec("Slice", Kind.RESHAPING, _slice_vjp, route=vjp_route, check=_slice_check),
-    OpSpec("Gather", Kind.RESHAPING, _gather_vjp, route=vjp_route, check=first_input_only),
-    OpSpec("GatherElements", Kind.RESHAPING, _gather_elements_vjp, route=vjp_route, check=first_input_only),
+    OpSpec("Slice", Kind.RESHAPING, _picking_vjp, route=vjp_route, check=_slice_check),
+    OpSpec("Gather", Kind.RESHAPING, _picking_vjp, route=vjp_route, check=first_input_only),
+    OpSpec("GatherElements", Kind.RESHAPING, _picking_vjp, route=vjp_route, check=first_input_only),
     OpSpec("Expand", Kind.RESHAPING, _expand_vjp, route=vjp_route, check=_expand_check),
     OpSpec("Pad", Kind.RESHAPING, _pad_vjp, route=vjp_route, check=_pad_check),
     OpSpec("Reshape", Kind.RESHAPING, _reshape_vjp, route=vjp_route, check=first_input_only),

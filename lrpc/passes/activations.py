@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph import Program, constant_value
 from ..spec import SHAPE_READERS
+from .fusion import _Pattern
 
 _ERF = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -161,17 +162,6 @@ def _match(y: np.ndarray) -> tuple[str, dict] | None:
     return None
 
 
-def _private(nodes: list[gs.Node], output, graph_outputs: set) -> bool:
-    inside = {id(n) for n in nodes}
-    for node in nodes:
-        for t in node.outputs:
-            if t is output:
-                continue
-            if t.name in graph_outputs or any(id(c) not in inside and c.op not in SHAPE_READERS for c in t.outputs):
-                return False
-    return True
-
-
 def fuse_activations_by_value(program: Program) -> Program:
     """Erf/Tanh/Sigmoid/HardSigmoid/Clip subgraphs that compute a GELU (either form), SiLU,
     HardSwish or Mish, up to a constant factor, become that activation."""
@@ -188,6 +178,14 @@ def fuse_activations_by_value(program: Program) -> Program:
     return program
 
 
+def _covers_privately(nodes: list[gs.Node], output, graph_outputs: set) -> bool:
+    """The literal patterns' test (:meth:`lrpc.passes.fusion._Pattern.private`): every tensor
+    made inside, but the output, is used only inside."""
+    pattern = _Pattern(output.inputs[0])
+    pattern.nodes = list(nodes)
+    return pattern.private(graph_outputs)
+
+
 def _find(seed: gs.Node, graph_outputs: set):
     """The largest subgraph around ``seed`` that is an activation: ``(op, attrs, x, y, nodes)``."""
     for y in _candidate_outputs(seed) + [seed.outputs[0]]:
@@ -197,6 +195,6 @@ def _find(seed: gs.Node, graph_outputs: set):
             if values is None or seed not in sub.nodes:
                 continue
             matched = _match(np.broadcast_to(values, GRID.shape).astype(np.float64))
-            if matched is not None and _private(sub.nodes, y, graph_outputs):
+            if matched is not None and _covers_privately(sub.nodes, y, graph_outputs):
                 return (*matched, x, y, sub.nodes)
     return None

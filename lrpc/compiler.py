@@ -325,10 +325,7 @@ def with_input_shape(model: onnx.ModelProto, input_name: str | None, shape) -> o
             raise LrpcError(f"input shape {shape}: {chosen[0].name!r} has {d.dim_value} where {value} was given")
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    target = next(i for i in out.graph.input if i.name == chosen[0].name)
-    for d, value in zip(target.type.tensor_type.shape.dim, shape):
-        if value is not None:
-            d.dim_value = value
+    _declare_dims(out, {chosen[0].name: shape})
     return out
 
 
@@ -356,6 +353,8 @@ def _proven_input_dims(program: Program) -> dict[str, list]:
 
 
 def _declare_dims(model: onnx.ModelProto, dims: dict[str, list]) -> None:
+    """The ints in ``dims`` (input name → dims, None where one stays as it is) declared on
+    the model's inputs where they are not fixed already."""
     for vi in model.graph.input:
         for dim, value in zip(vi.type.tensor_type.shape.dim, dims.get(vi.name, ())):
             if isinstance(value, int) and not dim.HasField("dim_value"):

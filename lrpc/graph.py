@@ -203,17 +203,12 @@ def node_graph(graph: gs.Graph) -> nx.DiGraph:
 def outer_reads(node: gs.Node) -> set[str]:
     """Names an ``If``/``Loop``/``Scan`` node's bodies read from the graph around them (the
     inputs ONNX does not list: a branch computes with the outer graph's tensors)."""
-    reads: set[str] = set()
-    for value in node.attrs.values():
-        for body in (value if isinstance(value, list) else [value]):
-            if not isinstance(body, gs.Graph):
-                continue
-            local = {t.name for t in body.inputs} | {t.name for n in body.nodes for t in n.outputs}
-            local |= {t.name for t in body.tensors().values() if isinstance(t, gs.Constant)}
-            for inner in body.nodes:
-                reads |= {t.name for t in inner.inputs if t.name and t.name not in local}
-                reads |= outer_reads(inner) - local
-    return reads
+    reads, local = set(), set()
+    for body in node.subgraphs(recursive=True):  # nested bodies may read what an outer body makes
+        local |= {t.name for t in body.inputs} | {t.name for n in body.nodes for t in n.outputs}
+        local |= {t.name for t in body.tensors().values() if isinstance(t, gs.Constant)}
+        reads |= {t.name for n in body.nodes for t in n.inputs if t.name}
+    return reads - local
 
 
 def relevance_path(graph: gs.Graph, input_name: str, start_name: str, blocked=None) -> tuple[list[gs.Node], set[str]]:

@@ -121,6 +121,7 @@ class _Steps:
         self.lengths = w.op("Unsqueeze", w.op("Cast", lengths, to=onnx.TensorProto.INT64), w.ints(1)) \
             if lengths else None  # [B, 1]
         self.clip = a.get("clip")
+        self._inside: dict[int, str] = {}  # step → its rows-inside-their-length mask, made once
 
     def initial(self, index: int, direction: int) -> str:
         given = _arg(self.node, index)
@@ -139,8 +140,9 @@ class _Steps:
         """``new`` where step ``t`` is inside the row's sequence length, else ``old``."""
         if self.lengths is None:
             return new
-        inside = self.w.op("Less", self.w.const(np.array([[t]], np.int64), np.int64), self.lengths)
-        return self.w.op("Where", inside, new, old)
+        if t not in self._inside:
+            self._inside[t] = self.w.op("Less", self.w.const(np.array([[t]], np.int64), np.int64), self.lengths)
+        return self.w.op("Where", self._inside[t], new, old)
 
     def split(self, z: str, parts: int) -> list[str]:
         return self.w.split(z, [self.hidden] * parts, axis=1)
@@ -205,10 +207,10 @@ class _Direction:
     def __init__(self, steps: _Steps, node: onnx.NodeProto, d: int):
         kind, hidden = steps.kind, steps.hidden
         p = _Weights(steps.w, node, d, len(GATES[kind]), hidden)
-        self.p = p
+        self.peep = None  # LSTM peepholes: i, o, f
         if kind == "LSTM":
             self.gates, self.gates_bias = p.stacked(0, 4), p.bias(0, 4)
-            if p.P is not None:  # peepholes: i, o, f
+            if p.P is not None:
                 self.peep = [p.rows(p.P, k, k + 1) for k in range(3)]
         elif kind == "GRU":
             self.gates, self.gates_bias = p.stacked(0, 2), p.bias(0, 2)
@@ -222,7 +224,7 @@ def _lstm_step(steps: _Steps, d: _Direction, acts, x: str, h: str, c: str):
     w = steps.w
     f_act, g_act, h_act = acts
     zi, zo, zf, zc = steps.split(_linear(w, [x, h], d.gates, d.gates_bias), 4)
-    peep = getattr(d, "peep", None)
+    peep = d.peep
     if peep:
         zi = w.op("Add", zi, w.op("Mul", c, peep[0]))
         zf = w.op("Add", zf, w.op("Mul", c, peep[2]))

@@ -113,7 +113,7 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
             rows.append(CheckRow("", name, node.op, kind, reason))
             continue
         layer = table.by_node[id(node)]
-        problem = layer.spec.check(node, layer.acts) if layer.spec.check else None
+        problem = layer.spec.problem(node, layer.acts, table.exact)
         index = "" if layer.index < 0 else str(layer.index)
         rows.append(CheckRow(index, name, node.op, layer.kind.value, problem or SUPPORTED))
     start = program.graph.tensors().get(program.start_name)

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from . import __version__
 from .check import CheckReport, check_layers, raise_if_unsupported
 from .composites import Composite, EpsilonPlusFlat
-from .emit import REGION_NAME, TARGET_NAME, ConceptSpec, emit_relevance
+from .emit import REGION_NAME, TARGET_NAME, ConceptSpec, emit_attribution, emit_relevance
 from .errors import LrpcError
 from .deployed import FLOATS, analysis_twin, needs_twin, relevance_type, stitch
 from .files import check, default_opset, load_model, save_model
@@ -24,8 +24,9 @@ from .graph import Program
 from .layers import LayerTable, find_layers
 from .passes import canonize
 from .passes.names import name_from_scopes
+from .methods import Method, as_method
 from .spec import Layer
-from .rules import Rule
+from .rules import GradientRule, Rule
 
 #: how the compiled file takes its target: an input with a default (an initializer also
 #: listed as an input), or a plain required input that every runtime and server shows
@@ -42,6 +43,7 @@ class Analysis:
     rules: list[Rule]
     composite: Composite
     relevance_dtype: str | None = None
+    method: Method | None = None  # a gradient method instead of LRP (lrpc.methods)
 
     def layer_rules(self) -> list[tuple[Layer, Rule]]:
         return list(zip(self.table.layers, self.rules))
@@ -87,14 +89,19 @@ def analyze_model(
     max_constant_bytes: int | None = None,
     relevance_dtype: str | None = None,
     input_shape=None,
+    method=None,
 ) -> Analysis:
     """Everything up to emission: canonize, check, assign rules. A quantized or
     half-precision model is analysed through its float twin (:mod:`lrpc.deployed`);
     ``relevance_dtype`` (``"float32"``, ``"float16"``) is the twin's precision.
     ``input_shape``: the explained input's dims fixed for compilation (a recurrent layer
     over a dynamic sequence length is written out for that length); the compiled file
-    declares them."""
-    composite = _as_composite(composite)
+    declares them. ``method``: a gradient method (:mod:`lrpc.methods`) instead of LRP."""
+    method = as_method(method)
+    if method is not None and composite is not None:
+        raise LrpcError(f"give a composite (LRP) or a method ({method!r}), not both")
+    gradient = GradientRule()
+    composite = _as_composite(gradient if method is not None else composite)
     proto = load_model(model)
     _refuse_compiled(proto)
     if input_shape is not None:
@@ -105,15 +112,15 @@ def analyze_model(
     program.deployed = proto if twin is not proto else None
     program = canonize(program, input_name=input_name, output_name=output_name, position=position,
                        split_layernorms=split_layernorm, max_constant_bytes=max_constant_bytes)
-    table = find_layers(program)
+    table = find_layers(program, exact=method is not None)
     report = check_layers(program, table)
     if not skip_checks:
         raise_if_unsupported(report, verbose=verbose)
     expected = getattr(composite, "expected_layers", None)
     if expected is not None and expected != len(table.layers):
         raise LrpcError(f"got {expected} rules for a model with {len(table.layers)} layers")
-    rules = composite.assign(table.layers)
-    return Analysis(program, table, report, rules, composite, relevance_dtype)
+    rules = [gradient] * len(table.layers) if method is not None else composite.assign(table.layers)
+    return Analysis(program, table, report, rules, composite, relevance_dtype, method)
 
 
 def _refuse_compiled(model: onnx.ModelProto) -> None:
@@ -149,6 +156,7 @@ def compile(
     targets: int = 1,
     relevance_dtype: str | None = None,
     input_shape=None,
+    method=None,
 ) -> onnx.ModelProto:
     """Compile ``model`` (path or ModelProto) into an ONNX model that also returns ``relevance``.
 
@@ -173,12 +181,15 @@ def compile(
     (``"float32"``, the default, or ``"float16"``); without it ``relevance`` has the
     explained input's dtype. ``input_shape``: the explained input's dims, fixed for
     compilation (``-1`` keeps one dynamic; needed for a recurrent layer over a dynamic
-    sequence length, whose time steps are written out).
+    sequence length, whose time steps are written out). ``method``: a gradient method
+    instead of LRP (:mod:`lrpc.methods`: ``Gradient()``, ``IntegratedGradients(steps=32)``,
+    ..., or its expression); the file then returns ``attribution`` instead of ``relevance``.
     """
     analysis = analyze_model(
         model, composite, input_name=input_name, output_name=output_name,
         skip_checks=skip_checks, verbose=verbose, position=position, split_layernorm=split_layernorm,
         max_constant_bytes=max_constant_bytes, relevance_dtype=relevance_dtype, input_shape=input_shape,
+        method=method,
     )
     return emit_model(analysis, normalize_output_relevance, relevance_at=relevance_at,
                       crp_layer=crp_layer, features=features, report=report, labels=labels,
@@ -208,9 +219,18 @@ def emit_model(
         if crp_layer is None or features is None:
             raise LrpcError("CRP needs both a layer and the features to explain")
         concept = ConceptSpec(find_layer(analysis, crp_layer), features)
-    watched = [_relevance_point(analysis, ref) for ref in relevance_at]
-    emitted = emit_relevance(program, analysis.table, analysis.rules, normalize_output_relevance,
-                             relevance_at=watched, concept=concept, report=report, labels=labels, targets=targets)
+    method = analysis.method
+    if method is not None:
+        if concept is not None or report or relevance_at or not normalize_output_relevance:
+            raise LrpcError(f"{method.name} is a gradient method: CRP, --report, --relevance-at and "
+                            "normalize_output_relevance are LRP's")
+        at = _relevance_point(analysis, method.layer) if method.layer is not None else None
+        emitted = emit_attribution(program, analysis.table, method, analysis.rules[0] if analysis.rules
+                                   else GradientRule(), at=at, labels=labels, targets=targets)
+    else:
+        watched = [_relevance_point(analysis, ref) for ref in relevance_at]
+        emitted = emit_relevance(program, analysis.table, analysis.rules, normalize_output_relevance,
+                                 relevance_at=watched, concept=concept, report=report, labels=labels, targets=targets)
     graph.inputs.append(emitted.target)
     if emitted.region is not None:
         graph.inputs.append(emitted.region)
@@ -246,6 +266,11 @@ def emit_model(
         "lrpc.normalize_output_relevance": str(bool(normalize_output_relevance)).lower(),
         "lrpc.rules": "; ".join(f"{layer.index}:{layer.name}={rule!r}" for layer, rule in analysis.layer_rules()),
     }
+    if method is not None:
+        meta["lrpc.method"] = repr(method)
+        meta["lrpc.heatmap"] = method.heatmap
+        for key in ("lrpc.composite", "lrpc.rules", "lrpc.normalize_output_relevance"):
+            del meta[key]  # LRP's
     meta["lrpc.layout"] = program.layout
     meta["lrpc.target_input"] = target_input
     meta["lrpc.targets"] = str(targets)

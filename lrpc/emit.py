@@ -142,23 +142,9 @@ def _several_targets(em: Emitter, program: Program, table, rules, target, k: int
     denominators and modified weights are the same nodes in every copy: the emitter builds
     each of them once (it reuses a node whose op, inputs and attributes it has already
     written), so they are computed once and only the relevance passes run K times."""
-    graph, dtype = em.graph, em.dtype
     logits = tensors[program.start_name]
-    scores = _class_scores(em, logits, program, region)
-    shape = static_shape(logits) or ()
-    known = {"flat": shape[1:], "sequence": shape[2:], "dense": shape[1:2]}.get(program.layout, ())
-    classes = int(np.prod(known)) if known and None not in known else None
-    if classes is not None and classes < k:
-        raise LrpcError(f"{k} targets per sample, but the output has only {classes} classes")
-    given = _per_sample(em, target, logits, k)
-    top = em.op("TopK", [scores, em.ints([k])], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2,
-                dtype=dtype)[1]
-    top.dtype = np.int64  # the indices
-    resolved = em.op("Where", [em.op("Less", [given, em.const(0, np.int64)], dtype=np.bool_), top, given],
-                     dtype=np.int64)
     parts, chosen_all, logit_all = [], [], []
-    for j in range(k):
-        column = em.op("Gather", [resolved, em.const(j, np.int64)], {"axis": 1}, dtype=np.int64)
+    for column in _target_columns(em, program, logits, target, k, region):
         start, logit, chosen = _output_relevance(em, logits, column, normalize, program, region)
         pending = _Backward(em, rules, set()).run(table.nodes, table, {logits.name: [start]})
         if not pending.get(x.name):
@@ -166,13 +152,125 @@ def _several_targets(em: Emitter, program: Program, table, rules, target, k: int
         parts.append(add_all(pending[x.name]).value)
         chosen_all.append(chosen)
         logit_all.append(logit.value)
-    relevance = _named_output(graph, em.op("Concat", parts, {"axis": 0}, dtype=dtype), _relevance_name(tensors),
-                              dtype, ["lrp_rows", *x.shape[1:]])
-    extra = [_named_output(graph, em.op("Concat", chosen_all, {"axis": 0}, dtype=np.int64), CLASS_NAME, np.int64,
-                           ["lrp_rows"]),
-             _named_output(graph, em.op("Concat", logit_all, {"axis": 0}, dtype=dtype), LOGIT_NAME, dtype,
-                           ["lrp_rows"])] if labels else []
-    return Emitted(target, relevance, extra, region)
+    relevance = _named_output(em.graph, em.op("Concat", parts, {"axis": 0}, dtype=em.dtype),
+                              _relevance_name(tensors), em.dtype, ["lrp_rows", *x.shape[1:]])
+    return Emitted(target, relevance, _row_labels(em, chosen_all, logit_all) if labels else [], region)
+
+
+def _row_labels(em: Emitter, chosen_all: list, logit_all: list) -> list[gs.Variable]:
+    """``lrp_class`` and ``lrp_logit`` of K target-major row blocks."""
+    def joined(parts, dtype):
+        return parts[0] if len(parts) == 1 else em.op("Concat", parts, {"axis": 0}, dtype=dtype)
+
+    return [_named_output(em.graph, joined(chosen_all, np.int64), CLASS_NAME, np.int64, ["lrp_rows"]),
+            _named_output(em.graph, joined(logit_all, em.dtype), LOGIT_NAME, em.dtype, ["lrp_rows"])]
+
+
+def _target_columns(em: Emitter, program: Program, logits, target, k: int, region) -> list:
+    """``lrp_target`` ``[N, K]`` as K columns ``[N]`` of classes, -1 in column j resolved to
+    the sample's j-th highest-scoring class."""
+    shape = static_shape(logits) or ()
+    known = {"flat": shape[1:], "sequence": shape[2:], "dense": shape[1:2]}.get(program.layout, ())
+    classes = int(np.prod(known)) if known and None not in known else None
+    if classes is not None and classes < k:
+        raise LrpcError(f"{k} targets per sample, but the output has only {classes} classes")
+    scores = _class_scores(em, logits, program, region)
+    given = _per_sample(em, target, logits, k)
+    top = em.op("TopK", [scores, em.ints([k])], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2,
+                dtype=em.dtype)[1]
+    top.dtype = np.int64  # the indices
+    resolved = em.op("Where", [em.op("Less", [given, em.const(0, np.int64)], dtype=np.bool_), top, given],
+                     dtype=np.int64)
+    return [em.op("Gather", [resolved, em.const(j, np.int64)], {"axis": 1}, dtype=np.int64) for j in range(k)]
+
+
+def emit_attribution(program: Program, table: LayerTable, method, rule: Rule, at: gs.Tensor | None = None,
+                     labels: bool = False, targets: int = 1) -> Emitted:
+    """A gradient method's backward pass (:mod:`lrpc.methods`): the exact gradient of the
+    explained logit (``rule``, a :class:`~lrpc.rules.GradientRule`, on every layer and
+    activation), at the explained input or at ``at`` (GradCAM), combined by the method
+    into ``attribution``. Batched methods (SmoothGrad, IntegratedGradients) take it on a
+    second forward pass over ``copies × N`` rows (:class:`_BatchedForward`)."""
+    from .methods import ATTRIBUTION_NAME
+
+    graph = program.graph
+    tensors = graph.tensors()
+    x = tensors[program.explained_name]
+    logits = tensors[program.start_name]
+    dtype = np.dtype(x.dtype or np.float32)
+    if dtype.kind != "f":
+        raise LrpcError(f"input {x.name!r} has dtype {dtype}; lrpc explains floating-point inputs")
+    em = Emitter(graph, dtype)
+    region = None
+    if program.layout == "dense":
+        rank = len(static_shape(logits))
+        region = gs.Variable(REGION_NAME, dtype=dtype, shape=["lrp_region_batch", 1, *[f"r{i}" for i in range(rank - 2)]])
+    if targets > 1:
+        target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_batch", targets])
+        columns = _target_columns(em, program, logits, target, targets, region)
+    else:
+        target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_targets"])
+        columns = [_per_sample(em, target, logits)]
+    backward = _Backward(em, [rule] * len(table.layers), set(), through=rule)
+    batched = _BatchedForward(em, program, table, x, method) if method.copies > 1 else None
+    stop = at.inputs[0] if at is not None and at.inputs else None
+    parts, chosen_all, logit_all = [], [], []
+    for column in columns:
+        start, logit, chosen = _output_relevance(em, logits, column, True, program, region)
+        chosen_all.append(chosen)
+        logit_all.append(logit.value)
+        if batched is not None:
+            pending = backward.run(batched.nodes, batched.table,
+                                   {batched.logits: [em.sym(_tiled(em, start.value, method.copies,
+                                                                   len(logits.shape), dtype))]})
+            found = pending.get(batched.rows.value.name)
+        else:
+            pending = backward.run(table.nodes, table, {logits.name: [start]}, stop_after=stop)
+            found = pending.get((at or x).name)
+        if not found:
+            where = f"layer output {at.name!r}" if at is not None else f"input {x.name!r}"
+            raise LrpcError(f"no gradient reaches {where}")
+        parts.append(method.combine(em, at if at is not None else x, add_all(found)).value)
+    like = at if at is not None else x
+    rest = ([1, *like.shape[2:]] if at is not None else list(like.shape[1:])) if like.shape else []
+    rows = "batch" if targets == 1 else "lrp_rows"
+    joined = parts[0] if len(parts) == 1 else em.op("Concat", parts, {"axis": 0}, dtype=dtype)
+    name = ATTRIBUTION_NAME if ATTRIBUTION_NAME not in tensors else f"lrp_{ATTRIBUTION_NAME}"
+    attribution = _named_output(graph, joined, name, dtype, [rows, *rest] if like.shape else None)
+    return Emitted(target, attribution, _row_labels(em, chosen_all, logit_all) if labels else [], region)
+
+
+def _tiled(em: Emitter, tensor, times: int, rank: int, dtype):
+    """``tensor`` repeated ``times`` along the batch axis, copy-major."""
+    return em.op("Tile", [tensor, em.ints([times] + [1] * (rank - 1))], dtype=dtype, hint="lrp_tiled")
+
+
+class _BatchedForward:
+    """The forward pass written once more over ``copies × N`` rows: the method's rows
+    (noisy copies, interpolations) stand where the explained tensor was, and every other
+    model input with the same batch axis (an attention mask, token types) is tiled to
+    match, so each row sees its own sample's context. Nodes that only lead to the explained
+    tensor (a token model's embedding lookup) are not copied."""
+
+    def __init__(self, em: Emitter, program: Program, table: LayerTable, x, method):
+        graph = program.graph
+        batch = x.shape[0] if x.shape else None
+        if not isinstance(batch, str):
+            raise LrpcError(f"{method.name} batches its {method.copies} copies along the batch axis, and "
+                            f"{x.name!r} has a fixed batch ({batch}): export the model with a dynamic batch axis")
+        self.rows = method.rows(em, x)
+        renamed = {x.name: self.rows.value}
+        for t in graph.inputs:
+            if t.name != x.name and t.shape and t.shape[0] == batch:
+                renamed[t.name] = _tiled(em, t, method.copies, len(t.shape), t.dtype)
+        g = node_graph(graph)
+        reach = set()
+        for name in renamed:
+            reach |= nx.descendants(g, ("tensor", name))
+        below = (nx.ancestors(g, ("tensor", program.start_name)) & reach) - nx.ancestors(g, ("tensor", x.name))
+        originals = [n for n in graph.nodes if ("node", id(n)) in below]
+        self.nodes, self.table = _clone_nodes(program, table, originals, renamed, "lrp_rows", batch=batch)
+        self.logits = self.table.renamed[program.start_name]
 
 
 def _relevance_name(tensors) -> str:
@@ -197,8 +295,11 @@ def _named_output(graph: gs.Graph, value, name: str, dtype, shape) -> gs.Variabl
 class _Backward:
     """Walks nodes in reverse topological order, summing and propagating relevance."""
 
-    def __init__(self, em: Emitter, rules: list[Rule], watch: set[str], report: bool = False):
-        self.em, self.rules, self.watch = em, rules, watch
+    def __init__(self, em: Emitter, rules: list[Rule], watch: set[str], report: bool = False,
+                 through: Rule | None = None):
+        """``through``: the rule of activations and routing ops (default: their route,
+        LRP's pass-through; a gradient method's rule differentiates them)."""
+        self.em, self.rules, self.watch, self.through = em, rules, watch, through
         self.captured: dict[str, Sym] = {}
         # layer index -> (relevance arriving at its output, relevance it passes on)
         self.report: dict[int, tuple[Sym, list[Sym]]] | None = {} if report else None
@@ -225,7 +326,7 @@ class _Backward:
             elif layer.spec.route_outputs is not None:
                 slots, incoming = layer.acts, layer.spec.route_outputs(em, layer, relevances)
             else:
-                slots, incoming = layer.acts, _propagate(em, layer, self.rules, relevances[0])
+                slots, incoming = layer.acts, _propagate(em, layer, self.rules, relevances[0], self.through)
             for slot, r in zip(slots, incoming):
                 if r is not None and not r.is_zero:  # a factor held constant gets none
                     pending.setdefault(node.inputs[slot].name, []).append(r)
@@ -271,26 +372,57 @@ def _clone_below(program: Program, table: LayerTable, x, x_tiled, at: gs.Tensor)
     g = node_graph(graph)
     below = nx.ancestors(g, ("tensor", at.name)) & nx.descendants(g, ("tensor", x.name))
     originals = [n for n in graph.nodes if ("node", id(n)) in below]
-    renamed = {x.name: x_tiled}
+    return _clone_nodes(program, table, originals, {x.name: x_tiled}, "crp_batch")
+
+
+def _clone_nodes(program: Program, table: LayerTable, originals: list, renamed: dict, rows: str,
+                 batch=None) -> tuple[list, _ClonedTable]:
+    """Copies of ``originals`` (topological order) reading ``renamed`` (tensor name -> the
+    tensor standing in for it) and each other's outputs; their outputs' batch axis becomes
+    ``rows`` (every output's, or with ``batch`` given only those whose first dim is it).
+    A fused pattern's copy gets copies of its original nodes, which unfusing restores."""
+    graph = program.graph
+    renamed = dict(renamed)
     clones, by_node = [], {}
     for node in originals:
         inputs = [renamed.get(t.name, t) for t in node.inputs]
         outputs = []
         for t in node.outputs:
-            shape = None if t.shape is None else ["crp_batch", *t.shape[1:]]
-            copy = gs.Variable(f"{t.name}/crp", dtype=t.dtype, shape=shape)
+            shape = t.shape
+            if shape is not None and (batch is None or (len(shape) and shape[0] == batch)):
+                shape = [rows, *shape[1:]]
+            copy = gs.Variable(f"{t.name}/{rows}", dtype=t.dtype, shape=shape)
             renamed[t.name] = copy
             outputs.append(copy)
-        clone = gs.Node(node.op, name=f"{node.name}/crp" if node.name else "", attrs=dict(node.attrs),
+        clone = gs.Node(node.op, name=f"{node.name}/{rows}" if node.name else "", attrs=dict(node.attrs),
                         inputs=inputs, outputs=outputs, domain=node.domain)
         graph.nodes.append(clone)
         clones.append(clone)
+        if id(node) in program.fused:
+            program.fused[id(clone)] = _cloned_pattern(program.fused[id(node)], renamed, rows)
         layer = table.by_node.get(id(node))
         if layer is not None:
             by_node[id(clone)] = replace(layer, node=clone)
     names = {name: t.name for name, t in renamed.items()}
     carriers = {names[c] for c in table.carriers if c in names}
     return clones, _ClonedTable(by_node, carriers, names, {v: k for k, v in names.items()})
+
+
+def _cloned_pattern(saved: list, renamed: dict, rows: str) -> list:
+    """A fused pattern's original nodes (``(node, inputs, outputs)`` as :meth:`Program.fuse`
+    keeps them), copied to read ``renamed`` and to write the fused copy's outputs."""
+    inner = {}
+    for _, _, outputs in saved:
+        for t in outputs:
+            if t.name not in renamed:
+                inner[t.name] = gs.Variable(f"{t.name}/{rows}", dtype=t.dtype)
+    entries = []
+    for original, inputs, outputs in saved:
+        copy = gs.Node(original.op, name=f"{original.name}/{rows}" if original.name else "",
+                       attrs=dict(original.attrs), domain=original.domain)
+        entries.append((copy, [renamed.get(t.name) or inner.get(t.name) or t for t in inputs],
+                        [renamed.get(t.name) or inner[t.name] for t in outputs]))
+    return entries
 
 
 def _output_relevance(em: Emitter, logits, target, normalize: bool, program: Program, region=None) -> Sym:
@@ -403,8 +535,10 @@ def _one_hot(em: Emitter, indices, depth):
     return em.op("OneHot", [indices, depth, em.const([0.0, 1.0])], {"axis": -1}, dtype=em.dtype)
 
 
-def _propagate(em: Emitter, layer: Layer, rules: list[Rule], relevance: Sym) -> list[Sym]:
+def _propagate(em: Emitter, layer: Layer, rules: list[Rule], relevance: Sym, through: Rule | None = None) -> list[Sym]:
     if layer.kind in TRANSPARENT:
+        if through is not None:
+            return through.propagate(em, layer, relevance)
         return layer.spec.route(em, layer, relevance)
     return rules[layer.index].propagate(em, layer, relevance)
 

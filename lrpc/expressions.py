@@ -51,13 +51,26 @@ def parse_rule(text: str) -> Rule:
     return value
 
 
+def parse_method(text: str):
+    """A gradient method: ``Gradient``, ``SmoothGrad(samples=50, stdev=0.1)``,
+    ``IntegratedGradients(steps=32, method="riemann_trapezoid")``, ``GradCAM(layer=5)``."""
+    from .methods import METHODS, Method
+
+    value = _parse(text, METHODS)
+    if isinstance(value, type) and issubclass(value, Method):
+        value = _call(value, [], {}, text)
+    if not isinstance(value, Method):
+        raise CompositeSyntaxError(f"expected a method ({', '.join(METHODS)}), got {text!r}")
+    return value
+
+
 def _text(value, where: str) -> str:
     if not isinstance(value, str):
         raise CompositeSyntaxError(f"{where} must be a string such as \"EpsilonRule(epsilon=1e-6)\", got {value!r}")
     return value
 
 
-def _parse(text: str):
+def _parse(text: str, names: dict | None = None):
     if not isinstance(text, str):
         raise CompositeSyntaxError(f"a composite expression must be a string, got {type(text).__name__}")
     shown = text if len(text) <= 80 else text[:77] + "..."
@@ -72,7 +85,7 @@ def _parse(text: str):
     except (RecursionError, MemoryError, ValueError):
         raise CompositeSyntaxError(f"composite expression too complex to parse: {shown!r}") from None
     try:
-        return _value(tree.body, shown)
+        return _value(tree.body, shown, CALLABLES if names is None else names)
     except RecursionError:
         raise CompositeSyntaxError(f"composite expression nested too deeply: {shown!r}") from None
 
@@ -94,7 +107,7 @@ def _nesting(text: str) -> int:
     return deepest
 
 
-def _value(node: ast.AST, text: str):
+def _value(node: ast.AST, text: str, names: dict):
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool)) or (
         isinstance(node, ast.Constant) and node.value is None
     ):
@@ -105,42 +118,42 @@ def _value(node: ast.AST, text: str):
             raise CompositeSyntaxError(f"numbers must be finite (got {value}) in {text!r}")
         return value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = _value(node.operand, text)
+        operand = _value(node.operand, text, names)
         if not isinstance(operand, (int, float)):
             raise CompositeSyntaxError(f"unary sign on a non-number in {text!r}")
         return -operand if isinstance(node.op, ast.USub) else operand
     if isinstance(node, (ast.List, ast.Tuple)):
-        items = [_value(e, text) for e in node.elts]
+        items = [_value(e, text, names) for e in node.elts]
         return items if isinstance(node, ast.List) else tuple(items)
     if isinstance(node, ast.Dict):
         if any(k is None for k in node.keys):
             raise CompositeSyntaxError(f"**mappings are not allowed in {text!r}")
         result = {}
         for k, v in zip(node.keys, node.values):
-            key = _value(k, text)
+            key = _value(k, text, names)
             try:
                 if key in result:
                     raise CompositeSyntaxError(f"the key {key!r} is given twice in {text!r}")
             except TypeError:
                 raise CompositeSyntaxError(f"{key!r} cannot be a dict key in {text!r}") from None
-            result[key] = _value(v, text)
+            result[key] = _value(v, text, names)
         return result
     if isinstance(node, ast.Name):
-        if node.id in GROUPS:
+        if names is CALLABLES and node.id in GROUPS:
             return GROUPS[node.id]
-        if node.id in CALLABLES:
-            return CALLABLES[node.id]
+        if node.id in names:
+            return names[node.id]
         raise CompositeSyntaxError(f"unknown name {node.id!r} in {text!r}")
     if isinstance(node, ast.Call):
-        func = _value(node.func, text)
+        func = _value(node.func, text, names)
         if not callable(func) or isinstance(node.func, ast.Call):
             raise CompositeSyntaxError(f"cannot call {ast.unparse(node.func)!r} in {text!r}")
-        args = [_value(a, text) for a in node.args]
+        args = [_value(a, text, names) for a in node.args]
         kwargs = {}
         for kw in node.keywords:
             if kw.arg is None:
                 raise CompositeSyntaxError(f"**kwargs are not allowed in {text!r}")
-            kwargs[kw.arg] = _value(kw.value, text)
+            kwargs[kw.arg] = _value(kw.value, text, names)
         value = _call(func, args, kwargs, text)
         return _strict(value) if isinstance(value, Primitive) else value
     raise CompositeSyntaxError(f"unsupported syntax {ast.unparse(node)!r} in {text!r}")

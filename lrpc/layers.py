@@ -31,6 +31,7 @@ class LayerTable:
     layers: list[Layer]  # indexed layers (no activations)
     by_node: dict[int, Layer]  # id(node) -> Layer, activations included
     unknown: list[gs.Node]  # relevance-carrying nodes without a registry entry
+    exact: bool = False  # a gradient method's table: nothing held constant
 
     def __iter__(self):
         return iter(self.layers)
@@ -46,8 +47,11 @@ def _contrib_namesake(node: gs.Node) -> bool:
     return is_fused_op(node.domain or "") and onnx.defs.has(node.op) and not is_quantized_op(node.op)
 
 
-def find_layers(program: Program) -> LayerTable:
-    nodes, carriers = relevance_path(program.graph, program.explained_name, program.start_name, blocked=_blocked)
+def find_layers(program: Program, exact: bool = False) -> LayerTable:
+    """``exact``: the table of a gradient method, where no input is held constant (gates,
+    statistics and divisors carry the gradient too)."""
+    blocked = _blocked_exact if exact else _blocked
+    nodes, carriers = relevance_path(program.graph, program.explained_name, program.start_name, blocked=blocked)
 
     layers: list[Layer] = []
     by_node: dict[int, Layer] = {}
@@ -59,7 +63,7 @@ def find_layers(program: Program) -> LayerTable:
             unknown.append(node)
             continue
         layer = Layer(node=node, spec=spec, acts=acts)
-        if spec.params is not None and not (spec.check and spec.check(node, acts)):
+        if spec.params is not None and not spec.problem(node, acts, exact):
             for role, where in spec.params(node, acts).items():
                 if isinstance(where, int):
                     layer.param_slots[role] = where
@@ -76,10 +80,15 @@ def find_layers(program: Program) -> LayerTable:
     if with_params:
         with_params[0].is_first = True
         with_params[-1].is_last = True
-    return LayerTable(nodes=nodes, carriers=carriers, layers=layers, by_node=by_node, unknown=unknown)
+    return LayerTable(nodes=nodes, carriers=carriers, layers=layers, by_node=by_node, unknown=unknown, exact=exact)
 
 
-def _blocked(node: gs.Node, slot: int) -> bool:
+def _blocked_exact(node: gs.Node, slot: int) -> bool:
+    """Edges no gradient takes: into shape readers, integer outputs, quantization parameters."""
+    return _blocked(node, slot, exact=True)
+
+
+def _blocked(node: gs.Node, slot: int, exact: bool = False) -> bool:
     """Edges relevance never takes: into shape computations, into ops whose outputs are
     all integers or booleans (comparisons, ``IsNaN``, casts to int: relevance cannot live
     there, except the integers of a quantized graph, which stand for float values), and
@@ -90,6 +99,8 @@ def _blocked(node: gs.Node, slot: int) -> bool:
         return True
     if node.outputs and not any(is_float(t) for t in node.outputs) and not is_quantized_op(node.op):
         return True
+    if exact:
+        return False
     spec = lookup(node.op)
     return bool(spec and spec.blocks and spec.blocks(node, slot))
 

@@ -14,7 +14,7 @@ from .ops.elementwise import activation_spec
 from .spec import Forward, Kind, Layer, OpSpec, Route, Vjp  # noqa: F401  (re-exported)
 
 #: Elementwise non-linearities the check names as activations rather than unknown layers.
-KNOWN_ACTIVATION_NAMES = {"HardSigmoid", "Softsign", "ThresholdedRelu", "Shrink", "Erf", "Sin", "Cos", "Exp", "Log"}
+KNOWN_ACTIVATION_NAMES = {"Softsign", "ThresholdedRelu", "Shrink", "Erf", "Sin", "Cos", "Exp", "Log"}
 
 REGISTRY: dict[str, OpSpec] = {spec.op_type: spec for spec in BUILTIN}
 _DEFAULTS = dict(REGISTRY)
@@ -30,12 +30,14 @@ def register_layer(
     params=None,
     linear: bool = True,
     route: Route | None = None,
+    derivative: Vjp | None = None,
 ) -> OpSpec:
     """Tell lrpc how relevance flows through ``op_type`` (LRP_CONFIG.supports_layer).
 
     ``like="Reshape"`` reuses a supported op's treatment; otherwise give ``vjp``: a
     function ``(emitter, layer, inputs, params, s) -> [gradient per relevance input]``
-    written with :class:`lrpc.symbolic.Sym` arithmetic.
+    written with :class:`lrpc.symbolic.Sym` arithmetic. ``linear=False`` with a ``vjp``
+    that linearizes the op: give its exact VJP as ``derivative`` for the gradient methods.
     """
     if like is not None:
         if like not in REGISTRY:
@@ -44,14 +46,18 @@ def register_layer(
     else:
         if vjp is None:
             raise TypeError("register_layer needs like= or vjp=")
-        spec = OpSpec(op_type, Kind(kind), vjp, forward=forward, params=params, linear=linear, route=route)
+        spec = OpSpec(op_type, Kind(kind), vjp, forward=forward, params=params, linear=linear, route=route,
+                      derivative=derivative)
     REGISTRY[op_type] = spec
     return spec
 
 
-def register_activation(op_type: str) -> OpSpec:
-    """Treat ``op_type`` as a ReLU-like activation (LRP_CONFIG.supports_activation)."""
-    spec = activation_spec(op_type)
+def register_activation(op_type: str, derivative=None) -> OpSpec:
+    """Treat ``op_type`` as a ReLU-like activation (LRP_CONFIG.supports_activation).
+
+    ``derivative``: ``(emitter, x, y, node) -> f'(x)`` in :class:`lrpc.symbolic.Sym`
+    arithmetic, for the gradient methods (without one they refuse the op)."""
+    spec = activation_spec(op_type, derivative)
     REGISTRY[op_type] = spec
     return spec
 

@@ -556,6 +556,24 @@ class ConstantGateRule(Rule):
         return {"epsilon": self.epsilon}
 
 
+class GradientRule(Rule):
+    """The exact VJP of the layer: ``R_in = Jᵀ R``, no input times, no division. Every
+    layer and every activation of a gradient method (:mod:`lrpc.methods`) takes it, so the
+    backward pass is the model's true gradient; LRP composites do not use it."""
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.spec.exact_vjp is not None
+
+    def incompatibility(self, layer: Layer) -> str:
+        return f"no exact derivative of {layer.op_type} is known"
+
+    def propagate(self, em: Emitter, layer: Layer, R: Sym) -> list[Sym]:
+        vjp = layer.spec.exact_vjp
+        acts = [em.sym(layer.act(k)) for k in range(len(layer.acts))]
+        params = {role: em.sym(t) for role, t in layer.param_values.items()}
+        return vjp(em, layer, acts, params, R)
+
+
 #: every built-in rule, by name (the composite expression parser and TOML use this)
 RULES = {
     cls.__name__: cls

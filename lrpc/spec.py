@@ -20,7 +20,13 @@ Every op that relevance can flow through has an :class:`OpSpec`:
   activated branch), which :class:`~lrpc.rules.ConstantGateRule` holds constant;
 - ``taylor``: the exact first-order Taylor relevance at the input
   (:class:`~lrpc.rules.TaylorRule`), for ops whose Jacobian cancels the division by
-  the output (Softmax).
+  the output (Softmax);
+- ``derivative``: the op's exact VJP, for the gradient methods, where ``vjp`` or
+  ``route`` is LRP's linearization instead (an activation's identity route, a
+  normalization with its statistic held, a division with its divisor held);
+  ``linearized`` marks such specs, so one without a ``derivative`` is refused by the
+  gradient methods rather than differentiated wrongly; ``exact_check`` replaces
+  ``check`` for them (a division may then take the gradient through its divisor).
 
 Rules never know about ops and ops never know about rules: the emitter combines the two
 with one generic formula (see :mod:`lrpc.rules`).
@@ -147,6 +153,26 @@ class OpSpec:
     multilinear: bool = False
     gate: Callable[[gs.Node, list[int]], int | None] | None = None
     taylor: Callable[[Emitter, Layer, Sym], list] | None = None
+    derivative: Vjp | None = None
+    linearized: bool = False
+    exact_check: Callable[[gs.Node, list[int]], str | None] | None = None
+
+    @property
+    def exact_vjp(self) -> Vjp | None:
+        """The VJP of the op's true derivative, or None where only LRP's linearization is known."""
+        if self.derivative is not None:
+            return self.derivative
+        return None if self.linearized else self.vjp
+
+    def problem(self, node: gs.Node, acts: list[int], exact: bool = False) -> str | None:
+        """Why relevance (``exact``: the gradient) cannot pass this node, or None."""
+        if exact:
+            if self.exact_vjp is None and self.route_outputs is None:
+                return f"no exact derivative of {self.op_type} is known (gradient methods need one)"
+            check = self.exact_check or self.check
+        else:
+            check = self.check
+        return check(node, acts) if check else None
 
     def run_forward(self, em: Emitter, layer: Layer, inputs: list, params: dict) -> Sym:
         return (self.forward or clone_forward)(em, layer, inputs, params)

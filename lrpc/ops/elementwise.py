@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 from ..graph import rounded_from, static_shape
 from ..spec import Kind, OpSpec, first_input_only, identity_route, identity_vjp, other_operand
 from ..symbolic import Emitter, Sym
+from .derivatives import DERIVATIVES, elementwise_vjp
 from .products import gate_slot
 
 
@@ -109,6 +110,13 @@ def _div_vjp(em, layer, inputs, params, s):
     return [unbroadcast(em, s / em.sym(layer.node.inputs[1]), layer, 0)]
 
 
+def _div_derivative(em, layer, inputs, params, s):
+    """The exact VJP of ``a / c``: ``s / c`` to the numerator, ``−s·a/c²`` to the divisor."""
+    a, c = (em.sym(t) for t in layer.node.inputs[:2])
+    grads = {0: s / c, 1: -(s * a / (c * c))}
+    return [unbroadcast(em, grads[slot], layer, slot) for slot in layer.acts]
+
+
 def _divisor_held_constant(node: gs.Node, slot: int) -> bool:
     """The divisor of an activation takes no relevance (a constant numerator, ``1 / x``,
     would leave relevance no way through: it stays on the path and is refused)."""
@@ -134,6 +142,10 @@ def _where_route(em, layer, R: Sym) -> list:
     return out
 
 
+def _where_derivative(em, layer, inputs, params, s):
+    return _where_route(em, layer, s)  # the branch taken gets the gradient, exactly
+
+
 def _float_code(em: Emitter) -> int:
     from onnx import helper
 
@@ -152,25 +164,37 @@ def _where_check(node: gs.Node, acts: list[int]) -> str | None:
 #: AttnLRP's identity rule). SiLU and the Gelu/HardSwish patterns of old exporters are
 #: fused into these by lrpc.passes.fusion.
 ACTIVATIONS = ["Relu", "LeakyRelu", "Clip", "PRelu", "HardSwish", "Gelu", "SiLU", "Swish", "Elu", "Selu", "Celu",
-               "Mish", "Softplus", "Tanh", "Sigmoid",
+               "Mish", "Softplus", "Tanh", "Sigmoid", "HardSigmoid",
                # powers by a constant and square roots: an STFT front end's magnitude
                # √(re² + im²) shares its relevance between re and im by re² and im²
                "Pow", "Sqrt"]
 
 
-def activation_spec(op_type: str) -> OpSpec:
-    return OpSpec(op_type, Kind.ACTIVATION, identity_vjp, route=identity_route, check=first_input_only)
+def activation_spec(op_type: str, derivative=None) -> OpSpec:
+    """LRP passes relevance through unchanged; the gradient methods multiply by the
+    derivative (:mod:`lrpc.ops.derivatives`; a registered op without one is refused there)."""
+    derivative = derivative or DERIVATIVES.get(op_type)
+    return OpSpec(op_type, Kind.ACTIVATION, identity_vjp, route=identity_route, check=first_input_only,
+                  derivative=elementwise_vjp(derivative) if derivative else None, linearized=True,
+                  exact_check=_pow_check if op_type == "Pow" else None)
+
+
+def _pow_check(node: gs.Node, acts: list[int]) -> str | None:
+    if not isinstance(node.inputs[1], gs.Constant):
+        return "its exponent is computed at run time (the derivative needs a constant one)"
+    return first_input_only(node, acts)
 
 
 SPECS = [
     OpSpec("Add", Kind.MERGE, _add_vjp, params=other_operand("bias")),
     OpSpec("Sub", Kind.MERGE, _sub_vjp, params=other_operand("bias")),
     OpSpec("Sum", Kind.MERGE, _add_vjp),
-    OpSpec("Div", Kind.AFFINE, _div_vjp, check=_div_check, blocks=_divisor_held_constant),
+    OpSpec("Div", Kind.AFFINE, _div_vjp, check=_div_check, blocks=_divisor_held_constant,
+           derivative=_div_derivative, linearized=True, exact_check=lambda node, acts: None),
     OpSpec("Neg", Kind.AFFINE, _neg_vjp, check=first_input_only),
     OpSpec("Mul", Kind.AFFINE, _mul_vjp, params=other_operand("weight"), blocks=_held_constant, multilinear=True,
            gate=gate_slot),
-    OpSpec("Where", Kind.ROUTING, route=_where_route, check=_where_check),
+    OpSpec("Where", Kind.ROUTING, route=_where_route, check=_where_check, derivative=_where_derivative),
     *[activation_spec(op) for op in ACTIVATIONS],
     # an activation's rounding in a quantized graph (QuantizeLinear -> DequantizeLinear):
     # relevance passes through it as through an activation (straight-through)

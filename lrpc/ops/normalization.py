@@ -10,6 +10,8 @@ the generic formula; :class:`~lrpc.rules.LayerNormRule` is the ε-rule on it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -71,9 +73,68 @@ def _linearized_vjp(em, layer, inputs, params, s):
     return [s * (y / safe)]
 
 
-def _factor_held(op_type: str) -> OpSpec:
+def _factor_held(op_type: str, derivative) -> OpSpec:
     return OpSpec(op_type, Kind.NORMALIZATION, _linearized_vjp, route=identity_route, linear=False,
-                  check=first_input_only)
+                  check=first_input_only, derivative=derivative, linearized=True)
+
+
+def _channel_window_sum(em: Emitter, t: Sym, before: int, after: int) -> Sym:
+    """``Σ_{i=c−before}^{c+after} t[:, i]`` for every channel ``c`` (zeros beyond the ends):
+    an AveragePool over the channel axis of ``t`` viewed as ``[N, 1, C, rest]``."""
+    size = before + after + 1
+    folded = em.op("Reshape", [t, em.ints([0, 1, static_shape(t.value)[1] or -1, -1])], dtype=em.dtype)
+    pooled = em.op("AveragePool", [folded], {"kernel_shape": [size, 1], "pads": [before, 0, after, 0],
+                                             "count_include_pad": 1}, dtype=em.dtype)
+    return em.sym(em.op("Reshape", [pooled, em.shape_of(t)], dtype=em.dtype)) * float(size)
+
+
+def _lrn_derivative(em, layer, inputs, params, s):
+    """LRN ``y = x·d^−β``, ``d = k + α/n·Σ_window x²``: ``∂L/∂x = s·d^−β − (2αβ/n)·x·Σ_window' s·x·d^−β−1``,
+    where the second window is the first one reversed (the transpose of the channel sum)."""
+    node = layer.node
+    size = int(node.attrs["size"])
+    alpha, beta, bias = (float(node.attrs.get(k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    x = em.sym(layer.act())
+    d = _channel_window_sum(em, x * x, before, after) * (alpha / size) + bias
+    scaled = em.sym(em.op("Pow", [d, em.const(-beta)], dtype=em.dtype))
+    back = _channel_window_sum(em, s * x * scaled / d, after, before)
+    return [s * scaled - x * back * (2.0 * alpha * beta / size)]
+
+
+def _standardized_vjp(em: Emitter, x: Sym, g: Sym, axes: list[int], centre: bool, eps: float) -> Sym:
+    """The exact VJP of ``x ↦ (x − μ)/σ`` over ``axes`` (RMS: ``x/rms``, ``centre`` off) at
+    ``g``: ``(g − mean g − x̂·mean(g·x̂))/σ`` (without ``mean g`` for RMS)."""
+    def mean(t: Sym) -> Sym:
+        return t.mean(axes, shape_of=x.value)  # the count from the input's static shape
+
+    d = x - mean(x) if centre else x
+    root = em.sym(em.op("Sqrt", [mean(d * d) + eps], dtype=em.dtype), nonneg=True)
+    inverse = em.sym(em.op("Reciprocal", [root], dtype=em.dtype), nonneg=True)
+    normalized = d * inverse
+    inner = g - mean(g) if centre else g
+    return (inner - normalized * mean(g * normalized)) * inverse
+
+
+def _instancenorm_derivative(em, layer, inputs, params, s):
+    node = layer.node
+    rank = len(static_shape(layer.act()))
+    scale = em.op("Reshape", [node.inputs[1], em.ints([-1] + [1] * (rank - 2))], dtype=em.dtype)
+    return [_standardized_vjp(em, em.sym(layer.act()), s * em.sym(scale), list(range(2, rank)), True,
+                              float(node.attrs.get("epsilon", 1e-5)))]
+
+
+def _instancenorm_check(node: gs.Node, acts: list[int]) -> str | None:
+    if static_shape(node.inputs[0]) is None:
+        return "input rank is unknown"
+    return first_input_only(node, acts)
+
+
+def _lrn_check(node: gs.Node, acts: list[int]) -> str | None:
+    shape = static_shape(node.inputs[0])
+    if shape is None or len(shape) < 3:
+        return "input rank is unknown"
+    return first_input_only(node, acts)
 
 
 # -- LayerNorm and RMSNorm with σ (rms) held constant ------------------------------------
@@ -132,16 +193,27 @@ def _rmsnorm_vjp(em, layer, inputs, params, s):
     return [g * _inverse_scale(em, layer, False)]
 
 
+def _layernorm_derivative(em, layer, inputs, params, s):
+    """The full Jacobian, σ differentiated too (LRP holds it constant)."""
+    g = s * params["weight"] if "weight" in params else s
+    return [_standardized_vjp(em, em.sym(layer.act()), g, _normalized_axes(layer), True, _eps(layer))]
+
+
+def _rmsnorm_derivative(em, layer, inputs, params, s):
+    g = s * params["weight"] if "weight" in params else s
+    return [_standardized_vjp(em, em.sym(layer.act()), g, _normalized_axes(layer), False, _eps(layer))]
+
+
 def _norm_check(node: gs.Node, acts: list[int]) -> str | None:
     if static_shape(node.inputs[0]) is None:
         return "input rank is unknown"
     return first_input_only(node, acts)
 
 
-def _statistic_held(op_type: str, forward, vjp) -> OpSpec:
+def _statistic_held(op_type: str, forward, vjp, derivative) -> OpSpec:
     # scale (γ) and bias (β) are parameters; a fused pattern has neither
     return OpSpec(op_type, Kind.NORMALIZATION, vjp, forward=forward, params=const_slots((1, "weight"), (2, "bias")),
-                  route=identity_route, check=_norm_check)
+                  route=identity_route, check=_norm_check, derivative=derivative, linearized=True)
 
 
 # -- Softmax inside the network -------------------------------------------------------------
@@ -177,9 +249,9 @@ SPECS = [
     OpSpec("BatchNormalization", Kind.NORMALIZATION, affine_vjp, forward=affine_forward, params=_bn_params,
            route=identity_route, check=_bn_check),
     OpSpec("Scaler", Kind.AFFINE, affine_vjp, forward=affine_forward, params=_scaler_params, check=first_input_only),
-    _factor_held("LRN"),
-    _factor_held("InstanceNormalization"),
-    _statistic_held("LayerNormalization", _layernorm_forward, _layernorm_vjp),
-    _statistic_held("RMSNormalization", _rmsnorm_forward, _rmsnorm_vjp),
+    replace(_factor_held("LRN", _lrn_derivative), exact_check=_lrn_check),
+    replace(_factor_held("InstanceNormalization", _instancenorm_derivative), exact_check=_instancenorm_check),
+    _statistic_held("LayerNormalization", _layernorm_forward, _layernorm_vjp, _layernorm_derivative),
+    _statistic_held("RMSNormalization", _rmsnorm_forward, _rmsnorm_vjp, _rmsnorm_derivative),
     OpSpec("Softmax", Kind.SOFTMAX, _softmax_vjp, linear=False, check=_softmax_check, taylor=_softmax_taylor),
 ]

@@ -1,4 +1,5 @@
-"""lrpc: compile an ONNX model into one ONNX file that also returns its LRP explanation."""
+"""lrpc: compile an ONNX model into one ONNX file that also returns its LRP explanation (or a
+gradient method's attribution)."""
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,12 @@ _EXPORTS = {
     "CRP": "runtime",
     "LRP": "runtime",
     "Explanation": "runtime",
+    "Gradient": "runtime",
+    "InputTimesGradient": "runtime",
+    "SmoothGrad": "runtime",
+    "IntegratedGradients": "runtime",
+    "GradCAM": "runtime",
+    "GradientRule": "rules",
     "analyze": "runtime",
     "IndexedFeatures": "crp",
     "TopNFeatures": "crp",

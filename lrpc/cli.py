@@ -45,6 +45,19 @@ def _composite_from_args(args):
     return chosen
 
 
+def _method_from_args(args):
+    """The gradient method named by ``--method``, or None (LRP)."""
+    text = getattr(args, "method", None)
+    if text is None:
+        return None
+    from .errors import CompositeSyntaxError
+    from .expressions import parse_method
+
+    if getattr(args, "composite", None) is not None or getattr(args, "rules", None) is not None:
+        raise CompositeSyntaxError("--method replaces LRP's --composite / --rules: give one of them")
+    return parse_method(text)
+
+
 def _print_table(table) -> None:
     """Print a rich table at its natural width: node names must not be cut, even in a pipe."""
     from rich.console import Console
@@ -110,6 +123,9 @@ def _add_model_options(p: argparse.ArgumentParser, composite: bool = True) -> No
                        help="sequence outputs [N, T, V] (language models): the position explained (default -1, the last)")
         p.add_argument("--split-layernorm", action="store_true",
                        help="split LayerNorm from its affine part (scale, shift) so each takes its own rule")
+    p.add_argument("--method", "-m", metavar="EXPR",
+                   help="a gradient method instead of LRP: Gradient, InputTimesGradient, \"SmoothGrad(samples=50, "
+                        "stdev=0.1)\", \"IntegratedGradients(steps=32)\", \"GradCAM(layer=5)\" (output 'attribution')")
     p.add_argument("--max-constant-bytes", type=_byte_size, metavar="SIZE",
                    help="the most constant folding may materialize, e.g. 512M or 2G (default: the larger of 256M "
                         "and the model's largest weight)")
@@ -202,10 +218,11 @@ def cmd_compile(args) -> int:
         raise LrpcError(f"{out}: is a directory; give a file name with -o")
     if (args.crp_layer is None) != (args.features is None):
         raise LrpcError("--crp-layer and --features go together")
-    composite = _composite_from_args(args)  # a typo in it first, then the place, then the work
+    method = _method_from_args(args)  # a typo in it first, then the place, then the work
+    composite = _composite_from_args(args)
     _check_writable(out)
     model = compile_file(
-        args.model, out, composite,
+        args.model, out, composite, method=method,
         max_constant_bytes=args.max_constant_bytes,
         input_name=args.input_name, output_name=args.output_name, input_shape=args.input_shape,
         normalize_output_relevance=not args.no_normalize_output_relevance,
@@ -236,7 +253,7 @@ def cmd_check(args) -> int:
 
     analysis = analyze_model(args.model, input_name=args.input_name, output_name=args.output_name,
                              skip_checks=True, max_constant_bytes=args.max_constant_bytes,
-                             input_shape=args.input_shape)
+                             input_shape=args.input_shape, method=_method_from_args(args))
     report = analysis.report
     if not_a_network(report):
         print(f"lrpc: error: {not_a_network(report)}", file=sys.stderr)
@@ -253,10 +270,13 @@ def cmd_inspect(args) -> int:
     from .compiler import analyze_model
     from .inspection import layer_table
 
+    method = _method_from_args(args)
     analysis = analyze_model(args.model, _composite_from_args(args), input_name=args.input_name,
                              output_name=args.output_name, skip_checks=args.skip_checks, position=args.position,
                              split_layernorm=args.split_layernorm, max_constant_bytes=args.max_constant_bytes,
-                             input_shape=args.input_shape)
+                             input_shape=args.input_shape, method=method)
+    if method is not None:
+        print(f"method: {method!r} (every layer and activation: its exact derivative)")
     _print_table(layer_table(analysis, with_rules=True))
     return 0
 
@@ -264,7 +284,8 @@ def cmd_inspect(args) -> int:
 def _analyzer(args):
     from .runtime import LRP
 
-    return LRP(args.model, _composite_from_args(args), input_name=args.input_name,
+    method = _method_from_args(args)
+    return LRP(args.model, _composite_from_args(args), method=method, input_name=args.input_name,
                output_name=args.output_name, skip_checks=args.skip_checks,
                normalize_output_relevance=not args.no_normalize_output_relevance,
                position=args.position, split_layernorm=args.split_layernorm,
@@ -491,9 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"also write overview.png: the first {32} inputs beside their heatmaps")
     h.add_argument("--heatmap-scale", "--scale", dest="heatmap_scale", type=_scale, default=1,
                    help="upscale heatmap PNGs by this factor, at most 64 (default 1: the input's pixel size)")
-    h.add_argument("--reduce", choices=REDUCTIONS, default="sum", help="over channels (default: sum)")
-    h.add_argument("--rangescale", choices=RANGESCALES, default="centered", help="default: centered")
-    h.add_argument("--colormap", default="bwr", help="any matplotlib colormap name (default: bwr)")
+    h.add_argument("--reduce", choices=REDUCTIONS, default=None,
+                   help="over channels (default: sum; a gradient's sensitivity map: norm)")
+    h.add_argument("--rangescale", choices=RANGESCALES, default=None,
+                   help="default: centered (sensitivity maps and CAMs: extrema)")
+    h.add_argument("--colormap", default=None,
+                   help="any matplotlib colormap name (default: bwr; sensitivity maps: gray; CAMs: jet)")
     h.add_argument("--overlay", action="store_true", help="blend the heatmap over the input image")
     h.add_argument("--alpha", type=float, default=0.5, help="the heatmap's weight in --overlay (default 0.5)")
     p.set_defaults(run=cmd_explain)

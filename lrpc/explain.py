@@ -295,7 +295,9 @@ def render(run: Run, analyzer, spec, args) -> None:
         from .heatmap import text_heatmap
 
         for item, row in zip(run.items, tokens):
-            text = text_heatmap(row, item.relevance.sum(axis=-1), colormap=args.colormap, rangescale=args.rangescale)
+            per_token = (np.linalg.norm(item.relevance, axis=-1) if args.reduce == "norm"
+                         else np.abs(item.relevance).max(axis=-1) if args.reduce == "maxabs" else item.relevance.sum(axis=-1))
+            text = text_heatmap(row, per_token, colormap=args.colormap, rangescale=args.rangescale)
             item.extras["text"] = text
             item.picture = _html_page(text, item.name)
     elif kind == "signal":
@@ -358,12 +360,19 @@ def _render_images(run: Run, spec, args) -> None:
     for item, image in zip(run.items, pictures):
         item.extras["heatmap"] = image
         picture = Image.fromarray(image)  # stays a Pillow image: one copy at the file's size, not several
-        if item.sample.is_image and image.shape[:2] != item.sample.image_size:
-            h, w = item.sample.image_size
-            picture = picture.resize((w, h), Image.NEAREST)
+        size = item.sample.image_size if item.sample.is_image else _spatial(spec) if args.cam else None
+        if size is not None and image.shape[:2] != tuple(size):
+            h, w = size  # a CAM, at its layer's resolution, is upsampled smoothly to the input's
+            picture = picture.resize((w, h), Image.BILINEAR if args.cam else Image.NEAREST)
         if args.overlay:
             picture = blend_over(picture, run.inputs[item.index], args.alpha)
         item.picture = encode_png(picture, args.heatmap_scale)
+
+
+def _spatial(spec):
+    """The model input's (H, W) where both are fixed, else None."""
+    dims = spec.shape[1:3] if spec.layout == "nhwc" else spec.shape[-2:]
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
 
 
 def check_heatmap_size(samples, args) -> None:
@@ -536,7 +545,8 @@ def run_command(args, analyzer_factory) -> int:
     folder = OutputFolder(outdir)
     # cheap checks first: a typo or an unwritable folder should not wait for inference
     folder.check()
-    get_colormap(args.colormap)
+    if args.colormap is not None:
+        get_colormap(args.colormap)
     if not 0.0 <= args.alpha <= 1.0:
         raise LrpcError(f"--alpha must lie in [0, 1], got {args.alpha}")
     args.targets = parse_targets(args.target)
@@ -545,6 +555,13 @@ def run_command(args, analyzer_factory) -> int:
     region = read_region(args.region)
     files = collect(args.inputs)
     analyzer = analyzer_factory(args)
+    from .heatmap import style
+
+    # the heatmap preset of what the file returns (LRP's relevance, a gradient, a CAM), then the options given
+    chosen = style(analyzer.heatmap, reduce=args.reduce, rangescale=args.rangescale, colormap=args.colormap)
+    args.reduce, args.rangescale, args.colormap = chosen["reduce"], chosen["rangescale"], chosen["colormap"]
+    get_colormap(args.colormap)
+    args.cam = analyzer.heatmap == "cam"
     if region is not None and analyzer.layout != "dense":
         raise InputError("--region applies to dense outputs [N, K, H, W] (segmentation, detection maps)")
     if args.report and "lrpc.report" not in analyzer._meta:

@@ -22,6 +22,21 @@ from .errors import LrpcError
 REDUCTIONS = ("sum", "norm", "maxabs")
 RANGESCALES = ("centered", "extrema")
 DEFAULT_COLORMAP = "bwr"
+#: XAIBase's heatmapping presets (``Explanation.heatmap``): signed relevance on a diverging
+#: map centred at 0; a gradient's magnitude (its norm over channels) on a sequential map;
+#: a class activation map on jet, scaled to its extrema
+STYLES = {
+    "attribution": {"reduce": "sum", "rangescale": "centered", "colormap": DEFAULT_COLORMAP},
+    "sensitivity": {"reduce": "norm", "rangescale": "extrema", "colormap": "gray"},
+    "cam": {"reduce": "sum", "rangescale": "extrema", "colormap": "jet"},
+}
+
+
+def style(name: str | None, **given) -> dict:
+    """The preset ``name`` (default ``attribution``) with every option in ``given`` that is not None."""
+    chosen = dict(STYLES.get(name or "attribution", STYLES["attribution"]))
+    chosen.update({k: v for k, v in given.items() if v is not None})
+    return chosen
 
 
 # -- pieces ------------------------------------------------------------------------------------------
@@ -172,9 +187,9 @@ def _overlay_samples(overlay, relevance: np.ndarray, channels_last: bool) -> lis
 def heatmap(
     explanation,
     *,
-    reduce: str = "sum",
-    rangescale: str = "centered",
-    colormap=DEFAULT_COLORMAP,
+    reduce: str | None = None,
+    rangescale: str | None = None,
+    colormap=None,
     overlay=None,
     alpha: float = 0.5,
     channels_last: bool = False,
@@ -186,8 +201,12 @@ def heatmap(
     ``norm`` or ``maxabs`` over channels; ``rangescale``: ``centered`` (default) or
     ``extrema``, per sample; ``colormap``: any matplotlib colormap name (default the
     diverging ``bwr``). ``overlay``: the input batch, in the relevance's layout (uint8, or
-    floats), drawn under the heatmap, which gets weight ``alpha``.
+    floats), drawn under the heatmap, which gets weight ``alpha``. Options left None take
+    the explanation's preset (:data:`STYLES`: an LRP explanation's ``attribution``, a
+    gradient's ``sensitivity``, a ``cam``).
     """
+    chosen = style(getattr(explanation, "heatmap", None), reduce=reduce, rangescale=rangescale, colormap=colormap)
+    reduce, rangescale, colormap = chosen["reduce"], chosen["rangescale"], chosen["colormap"]
     relevance = _as_array(explanation)
     maps = range_scale(reduce_channels(relevance, reduce, channels_last=channels_last), rangescale)
     images = list(colorize(maps, colormap))

@@ -18,10 +18,13 @@ from .session import make_session
 class Explanation:
     """What an analyzer returns (RelevancePropagation.jl's ``Explanation``).
 
-    ``val``: the relevance, shaped like the input; ``output``: the model's output (the
-    explained one, softmax included); ``output_selection``: the explained class per
-    sample; ``analyzer``: ``"LRP"``; ``heatmap``: the preset heatmapping style
-    (``"attribution"``); ``extras``: other outputs of the compiled file, by name.
+    ``val``: the relevance (a gradient method's attribution), shaped like the input
+    (GradCAM: ``[N, 1, h, w]`` at its layer); ``output``: the model's output (the explained
+    one, softmax included); ``output_selection``: the explained class per sample;
+    ``analyzer``: ``"LRP"``, ``"CRP"`` or the method (``"Gradient"``,
+    ``"IntegratedGradients"``, ...); ``heatmap``: the preset heatmapping style
+    (``"attribution"``, ``"sensitivity"`` for gradients, ``"cam"``); ``extras``: other
+    outputs of the compiled file, by name.
     """
 
     val: np.ndarray
@@ -98,18 +101,20 @@ class LRP:
         providers: list[str] | None = None,
         threads: int | None = None,
         input_shape=None,
+        method=None,
     ):
         from ..files import load_model
+        from ..methods import as_method
 
         proto = load_model(model)
         options = dict(normalize_output_relevance=normalize_output_relevance, skip_checks=skip_checks,
                        verbose=verbose, input_name=input_name, output_name=output_name, relevance_at=tuple(relevance_at),
                        position=position, split_layernorm=split_layernorm, max_constant_bytes=max_constant_bytes,
-                       report=report, targets=targets, input_shape=input_shape)
+                       report=report, targets=targets, input_shape=input_shape, method=as_method(method))
         if _is_compiled(proto):
             if (composite is not None or not normalize_output_relevance or input_name or output_name or relevance_at
                     or position is not None or split_layernorm or max_constant_bytes is not None or report
-                    or targets != 1 or input_shape is not None):
+                    or targets != 1 or input_shape is not None or method is not None):
                 raise LrpcError("the model is already compiled: its rules and options are fixed; "
                                 "pass the original model to change them")
             self.source, self.composite, self.options = None, None, options
@@ -126,7 +131,8 @@ class LRP:
                                  output_name=opts["output_name"], skip_checks=opts["skip_checks"],
                                  verbose=opts["verbose"], position=opts["position"],
                                  split_layernorm=opts["split_layernorm"],
-                                 max_constant_bytes=opts["max_constant_bytes"], input_shape=opts["input_shape"])
+                                 max_constant_bytes=opts["max_constant_bytes"], input_shape=opts["input_shape"],
+                                 method=opts["method"])
         model = emit_model(analysis, opts["normalize_output_relevance"], relevance_at=opts["relevance_at"],
                            report=opts["report"] and not concept, labels=True,
                            targets=1 if concept else opts["targets"], **concept)
@@ -146,6 +152,10 @@ class LRP:
         self.session = make_session(self.model, providers=providers, threads=threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.relevance_name = meta.get("lrpc.relevance", RELEVANCE_NAME)
+        method = meta.get("lrpc.method")  # a gradient method's file: "IntegratedGradients(steps=32, ...)"
+        self.name = method.split("(", 1)[0] if method else type(self).name
+        self.method = method
+        self.heatmap = meta.get("lrpc.heatmap", "attribution")
         model_outputs = [n for n in self.output_names if n != self.relevance_name]
         self.explained_output = meta.get("lrpc.output", model_outputs[0])
         self.other_inputs = [i for i in self.session.get_inputs()
@@ -161,6 +171,8 @@ class LRP:
         return self.analysis.layer_rules() if self.analysis else []
 
     def __repr__(self) -> str:
+        if self.method:
+            return self.method
         if not self.analysis:
             return "LRP(<compiled model>)"
         lines = [f"  {layer.name} ({layer.op_type}) => {rule!r}," for layer, rule in self.rules()]
@@ -206,7 +218,7 @@ class LRP:
             results["logit"] = results.pop(LOGIT_NAME)
         if REPORT_NAME in results:
             results["report"] = results.pop(REPORT_NAME)
-        return Explanation(relevance, output, selection, analyzer=self.name, extras=results,
+        return Explanation(relevance, output, selection, analyzer=self.name, heatmap=self.heatmap, extras=results,
                            report_layers=self._meta.get("lrpc.report"))
 
     name = "LRP"

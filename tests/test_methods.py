@@ -270,3 +270,28 @@ def test_triton_config_of_a_method_file(cli, cnn_path, tmp_path):
                                model_config_pb2.ModelConfig())
     outputs = {o.name: list(o.dims) for o in config.output}
     assert outputs["attribution"] == [3, 8, 8] and config.max_batch_size > 0
+
+
+def test_a_rounding_has_the_fake_quantization_gradient():
+    """Q → DQ (uint8, zero point 3): 1 inside the integer range, 0 where it saturates, as
+    torch's fake-quantization backward (a zero point of 0 is a ReLU the quantizer fused)."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    scale, zero = 0.02, 3
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]), helper.make_node("MatMul", ["d", "w"], ["logits"])],
+        "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [onnx.numpy_helper.from_array(np.float32(scale), "s"), onnx.numpy_helper.from_array(np.uint8(zero), "z"),
+         onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = (rng.standard_normal((3, 6)) * 3).astype(np.float32)  # beyond the range both ways
+    got = _run(lrpc.compile(model, method="Gradient()"), x, [0, 1, 2])["attribution"]
+
+    def fn(t):
+        return torch.fake_quantize_per_tensor_affine(t, scale, zero, 0, 255) @ torch.tensor(w)
+
+    expected = _gradient(fn, x, [0, 1, 2])
+    assert (expected == 0).any() and (expected != 0).any()
+    assert _close(got, expected)

@@ -152,19 +152,53 @@ def square_root(em, x, y, node):
     return _unary(em, "Reciprocal", y) * 0.5
 
 
-def straight_through(em, x, y, node):
-    """A rounding (QuantizeLinear → DequantizeLinear) has derivative 0 almost everywhere;
-    the gradient of the float function it stands for is the straight-through 1, as in
-    quantization-aware training."""
-    return x.ones_like()
+def _scale(em: Emitter, x: Sym, node: gs.Node, scale) -> Sym:
+    """A quantizer's scale broadcast to ``x``: a scalar, or one per channel along ``axis``."""
+    shape = getattr(scale, "shape", None)
+    rank = len(x.value.shape) if getattr(x.value, "shape", None) else None
+    if shape and len(shape) == 1 and rank and rank > 1:
+        axis = int(node.attrs.get("axis", 1)) % rank
+        scale = em.op("Reshape", [scale, em.ints([-1 if i == axis else 1 for i in range(rank)])], dtype=em.dtype)
+    return em.sym(scale)
+
+
+def quantize(em, x, y, node):
+    """Straight-through inside the integer range, 0 where the rounding saturates (as torch's
+    fake-quantization backward, quantization-aware training's gradient): ``1/scale`` where
+    ``lo <= round(x/scale) + zero <= hi``. The saturation matters: a quantizer with zero
+    point 0 is the ReLU the quantization tool fused away."""
+    if node.op == "DynamicQuantizeLinear":  # its range covers every x (scale from x's own min and max)
+        return _unary(em, "Reciprocal", _scale(em, x, node, node.outputs[1]))
+    scale = _scale(em, x, node, node.inputs[1])
+    try:
+        bounds = np.iinfo(np.dtype(node.outputs[0].dtype or np.uint8))
+    except (TypeError, ValueError):  # a float8 or an unknown type: no saturation known
+        return _unary(em, "Reciprocal", scale)
+    q = _unary(em, "Round", x / scale)
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        zero = em.op("Cast", [node.inputs[2]], {"to": _float_type(em)}, dtype=em.dtype)
+        q = q + _scale(em, x, node, zero)
+    inside = em.op("And", [_flag(em, "GreaterOrEqual", q, float(bounds.min)),
+                           _flag(em, "LessOrEqual", q, float(bounds.max))], dtype=np.bool_)
+    return _unary(em, "Reciprocal", scale).where(inside, 0.0)
+
+
+def _float_type(em: Emitter) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(em.dtype))
+
+
+def dequantize(em, x, y, node):
+    """``(q − zero point) · scale``: linear, its derivative the scale."""
+    return _scale(em, x, node, node.inputs[1])
 
 
 DERIVATIVES: dict[str, Derivative] = {
     "Relu": relu, "LeakyRelu": leaky_relu, "PRelu": prelu, "Clip": clip, "HardSigmoid": hard_sigmoid,
     "HardSwish": hard_swish, "Gelu": gelu, "SiLU": silu, "Swish": swish, "Elu": elu, "Selu": selu, "Celu": celu,
     "Mish": mish, "Softplus": softplus, "Tanh": tanh, "Sigmoid": sigmoid, "Pow": power, "Sqrt": square_root,
-    "QuantizeLinear": straight_through, "DequantizeLinear": straight_through,
-    "DynamicQuantizeLinear": straight_through,
+    "QuantizeLinear": quantize, "DequantizeLinear": dequantize, "DynamicQuantizeLinear": quantize,
 }
 
 

@@ -84,7 +84,7 @@ class InputTimesGradient(Method):
         return em.sym(x) * grad
 
 
-def _copy_major(em: Emitter, x, copies: int, stacked) -> Sym:
+def _copy_major(em: Emitter, x, copies: int, stacked: Sym) -> Sym:
     """``[copies, N, ...]`` -> ``[copies·N, ...]`` (row ``k·N + n`` is copy ``k`` of sample ``n``)."""
     rest = em.op("Shape", [x], {"start": 1}, dtype=np.int64)
     shape = em.op("Concat", [em.ints([-1]), rest], {"axis": 0}, dtype=np.int64)
@@ -132,17 +132,15 @@ class SmoothGrad(Method):
         return self.samples
 
     def rows(self, em, x):
-        stacked = _stacked(em, x)
-        if self.stdev == 0:
-            shape = em.op("Concat", [em.ints([self.samples]), em.shape_of(x)], {"axis": 0}, dtype=np.int64)
-            return _copy_major(em, x, self.samples, em.op("Expand", [stacked, shape], dtype=em.dtype))
         shape = em.op("Concat", [em.ints([self.samples]), em.shape_of(x)], {"axis": 0}, dtype=np.int64)
-        like = em.op("Expand", [stacked, shape], dtype=em.dtype)
+        copies = em.sym(em.op("Expand", [_stacked(em, x), shape], dtype=em.dtype))
+        if self.stdev == 0:
+            return _copy_major(em, x, self.samples, copies)
         attrs = {"mean": 0.0, "scale": self.stdev}
         if self.seed is not None:
             attrs["seed"] = float(self.seed)
-        noise = em.op("RandomNormalLike", [like], attrs, dtype=em.dtype, hint="smoothgrad_noise")
-        return _copy_major(em, x, self.samples, em.sym(like) + em.sym(noise))
+        noise = em.op("RandomNormalLike", [copies], attrs, dtype=em.dtype, hint="smoothgrad_noise")
+        return _copy_major(em, x, self.samples, copies + em.sym(noise))
 
     def combine(self, em, x, grad):
         return _per_copy(em, x, self.samples, grad).sum([0], keepdims=False) * (1.0 / self.samples)

@@ -58,6 +58,8 @@ def find_layers(program: Program, exact: bool = False) -> LayerTable:
     unknown: list[gs.Node] = []
     for node in nodes:
         spec = None if _contrib_namesake(node) else lookup(node.op)
+        if spec is not None and spec.gradient_only and not exact:
+            spec = None  # differentiable, but LRP has no rule for it
         acts = [i for i, t in enumerate(node.inputs) if t.name in carriers]
         if spec is None:
             unknown.append(node)

@@ -26,7 +26,10 @@ Every op that relevance can flow through has an :class:`OpSpec`:
   normalization with its statistic held, a division with its divisor held);
   ``linearized`` marks such specs, so one without a ``derivative`` is refused by the
   gradient methods rather than differentiated wrongly; ``exact_check`` replaces
-  ``check`` for them (a division may then take the gradient through its divisor).
+  ``check`` for them (a division may then take the gradient through its divisor);
+- ``gradient_only``: the op has an exact derivative but no LRP treatment (``Exp``,
+  ``ReduceL2``, ...): the gradient methods differentiate it, LRP's check names it as
+  unsupported, as without a spec.
 
 Rules never know about ops and ops never know about rules: the emitter combines the two
 with one generic formula (see :mod:`lrpc.rules`).
@@ -156,6 +159,7 @@ class OpSpec:
     derivative: Vjp | None = None
     linearized: bool = False
     exact_check: Callable[[gs.Node, list[int]], str | None] | None = None
+    gradient_only: bool = False
 
     @property
     def exact_vjp(self) -> Vjp | None:

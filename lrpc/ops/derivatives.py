@@ -152,9 +152,10 @@ def square_root(em, x, y, node):
     return _unary(em, "Reciprocal", y) * 0.5
 
 
-def _scale(em: Emitter, x: Sym, node: gs.Node, scale) -> Sym:
-    """A quantizer's scale broadcast to ``x``: a scalar, or one per channel along ``axis``."""
-    shape = getattr(scale, "shape", None)
+def _scale(em: Emitter, x: Sym, node: gs.Node, scale, shape_of=None) -> Sym:
+    """A quantizer's scale (or zero point) broadcast to ``x``: a scalar, or one per channel
+    along ``axis``; ``shape_of``: the tensor whose shape ``scale`` has (a cast's input)."""
+    shape = getattr(shape_of if shape_of is not None else scale, "shape", None)
     rank = len(x.value.shape) if getattr(x.value, "shape", None) else None
     if shape and len(shape) == 1 and rank and rank > 1:
         axis = int(node.attrs.get("axis", 1)) % rank
@@ -177,7 +178,7 @@ def quantize(em, x, y, node):
     q = _unary(em, "Round", x / scale)
     if len(node.inputs) > 2 and node.inputs[2].name:
         zero = em.op("Cast", [node.inputs[2]], {"to": _float_type(em)}, dtype=em.dtype)
-        q = q + _scale(em, x, node, zero)
+        q = q + _scale(em, x, node, zero, shape_of=node.inputs[2])
     inside = em.op("And", [_flag(em, "GreaterOrEqual", q, float(bounds.min)),
                            _flag(em, "LessOrEqual", q, float(bounds.max))], dtype=np.bool_)
     return _unary(em, "Reciprocal", scale).where(inside, 0.0)
@@ -194,11 +195,52 @@ def dequantize(em, x, y, node):
     return _scale(em, x, node, node.inputs[1])
 
 
+def exp(em, x, y, node):
+    return y
+
+
+def log(em, x, y, node):
+    return _unary(em, "Reciprocal", x)
+
+
+def reciprocal(em, x, y, node):
+    return -(y * y)
+
+
+def absolute(em, x, y, node):
+    return _unary(em, "Sign", x)  # 0 at 0, as torch
+
+
+def erf(em, x, y, node):
+    return _unary(em, "Exp", x * x * -1.0) * (2.0 / math.sqrt(math.pi))
+
+
+def sine(em, x, y, node):
+    return _unary(em, "Cos", x)
+
+
+def cosine(em, x, y, node):
+    return -_unary(em, "Sin", x)
+
+
+def softsign(em, x, y, node):
+    d = _unary(em, "Abs", x) + 1.0
+    return _unary(em, "Reciprocal", d * d)
+
+
+#: differentiable elementwise ops LRP has no rule for (a written-out softmax's Exp, a
+#: norm's Reciprocal): the gradient methods take them, LRP's check refuses them
+GRADIENT_ONLY: dict[str, Derivative] = {
+    "Exp": exp, "Log": log, "Reciprocal": reciprocal, "Abs": absolute, "Erf": erf, "Sin": sine, "Cos": cosine,
+    "Softsign": softsign,
+}
+
 DERIVATIVES: dict[str, Derivative] = {
     "Relu": relu, "LeakyRelu": leaky_relu, "PRelu": prelu, "Clip": clip, "HardSigmoid": hard_sigmoid,
     "HardSwish": hard_swish, "Gelu": gelu, "SiLU": silu, "Swish": swish, "Elu": elu, "Selu": selu, "Celu": celu,
     "Mish": mish, "Softplus": softplus, "Tanh": tanh, "Sigmoid": sigmoid, "Pow": power, "Sqrt": square_root,
     "QuantizeLinear": quantize, "DequantizeLinear": dequantize, "DynamicQuantizeLinear": quantize,
+    **GRADIENT_ONLY,
 }
 
 

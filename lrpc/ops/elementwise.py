@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 from ..graph import rounded_from, static_shape
 from ..spec import Kind, OpSpec, first_input_only, identity_route, identity_vjp, other_operand
 from ..symbolic import Emitter, Sym
-from .derivatives import DERIVATIVES, elementwise_vjp
+from .derivatives import DERIVATIVES, GRADIENT_ONLY, elementwise_vjp
 from .products import gate_slot
 
 
@@ -170,13 +170,13 @@ ACTIVATIONS = ["Relu", "LeakyRelu", "Clip", "PRelu", "HardSwish", "Gelu", "SiLU"
                "Pow", "Sqrt"]
 
 
-def activation_spec(op_type: str, derivative=None) -> OpSpec:
+def activation_spec(op_type: str, derivative=None, gradient_only: bool = False) -> OpSpec:
     """LRP passes relevance through unchanged; the gradient methods multiply by the
     derivative (:mod:`lrpc.ops.derivatives`; a registered op without one is refused there)."""
     derivative = derivative or DERIVATIVES.get(op_type)
     return OpSpec(op_type, Kind.ACTIVATION, identity_vjp, route=identity_route, check=first_input_only,
                   derivative=elementwise_vjp(derivative) if derivative else None, linearized=True,
-                  exact_check=_pow_check if op_type == "Pow" else None)
+                  exact_check=_pow_check if op_type == "Pow" else None, gradient_only=gradient_only)
 
 
 def _pow_check(node: gs.Node, acts: list[int]) -> str | None:
@@ -199,5 +199,6 @@ SPECS = [
     # an activation's rounding in a quantized graph (QuantizeLinear -> DequantizeLinear):
     # relevance passes through it as through an activation (straight-through)
     *[activation_spec(op) for op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")],
+    *[activation_spec(op, gradient_only=True) for op in GRADIENT_ONLY],
 ]
 

@@ -78,11 +78,11 @@ def _factor_held(op_type: str, derivative) -> OpSpec:
                   check=first_input_only, derivative=derivative, linearized=True)
 
 
-def _channel_window_sum(em: Emitter, t: Sym, before: int, after: int) -> Sym:
+def _channel_window_sum(em: Emitter, t: Sym, before: int, after: int, channels: int) -> Sym:
     """``Σ_{i=c−before}^{c+after} t[:, i]`` for every channel ``c`` (zeros beyond the ends):
     an AveragePool over the channel axis of ``t`` viewed as ``[N, 1, C, rest]``."""
     size = before + after + 1
-    folded = em.op("Reshape", [t, em.ints([0, 1, static_shape(t.value)[1] or -1, -1])], dtype=em.dtype)
+    folded = em.op("Reshape", [t, em.ints([0, 1, channels, -1])], dtype=em.dtype)
     pooled = em.op("AveragePool", [folded], {"kernel_shape": [size, 1], "pads": [before, 0, after, 0],
                                              "count_include_pad": 1}, dtype=em.dtype)
     return em.sym(em.op("Reshape", [pooled, em.shape_of(t)], dtype=em.dtype)) * float(size)
@@ -96,9 +96,10 @@ def _lrn_derivative(em, layer, inputs, params, s):
     alpha, beta, bias = (float(node.attrs.get(k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
     before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
     x = em.sym(layer.act())
-    d = _channel_window_sum(em, x * x, before, after) * (alpha / size) + bias
+    channels = static_shape(layer.act())[1] or -1
+    d = _channel_window_sum(em, x * x, before, after, channels) * (alpha / size) + bias
     scaled = em.sym(em.op("Pow", [d, em.const(-beta)], dtype=em.dtype))
-    back = _channel_window_sum(em, s * x * scaled / d, after, before)
+    back = _channel_window_sum(em, s * x * scaled / d, after, before, channels)
     return [s * scaled - x * back * (2.0 * alpha * beta / size)]
 
 

@@ -205,6 +205,45 @@ def _reducemean_check(node: gs.Node, acts: list[int]) -> str | None:
     return None
 
 
+def _reduced(em, layer, value: Sym) -> tuple[Sym, list[int]]:
+    """A reduction's output-shaped ``value`` broadcast back to the input's shape."""
+    rank = len(static_shape(layer.act()))
+    axes = _reduce_axes(layer.node, rank)
+    if not layer.node.attrs.get("keepdims", 1):
+        value = em.sym(em.op("Unsqueeze", [value, em.ints(axes)], dtype=em.dtype))
+    return em.sym(em.op("Expand", [value, em.shape_of(layer.act())], dtype=em.dtype)), axes
+
+
+def _reduction_derivative(local):
+    """The exact VJP of a reduction: ``s`` spread back over the reduced axes, times
+    ``local(em, x, y_spread, axes)``, the derivative of the reduced value by each element."""
+
+    def vjp(em, layer, inputs, params, s):
+        spread, axes = _reduced(em, layer, s)
+        y, _ = _reduced(em, layer, em.sym(layer.output))
+        factor = local(em, em.sym(layer.act()), y, axes)
+        return [spread if factor is None else spread * factor]
+
+    return vjp
+
+
+def _winners(em, x: Sym, y: Sym, axes: list[int]) -> Sym:
+    """ReduceMax/ReduceMin: the elements equal to the result, ties sharing evenly (torch's amax)."""
+    hit = em.sym(em.cast(em.op("Equal", [x, y], dtype=np.bool_), em.dtype), nonneg=True)
+    return hit / hit.sum(axes)
+
+
+def _l2(em, x: Sym, y: Sym, axes: list[int]) -> Sym:
+    """``x / ‖x‖``, 0 where the norm is 0 (torch's norm backward)."""
+    zero = em.op("Equal", [y, em.const(0.0)], dtype=np.bool_)
+    return em.sym(em.const(0.0)).where(zero, x / (y + em.sym(em.cast(zero, em.dtype))))
+
+
+def _gradient_only_reduction(op_type: str, local) -> OpSpec:
+    return OpSpec(op_type, Kind.POOLING, None, linear=False, check=_reducemean_check,
+                  derivative=_reduction_derivative(local), gradient_only=True)
+
+
 def _rank_known(node: gs.Node, acts: list[int]) -> str | None:
     if static_shape(node.inputs[0]) is None:
         return "input rank is unknown"
@@ -216,4 +255,10 @@ SPECS = [
     OpSpec("AveragePool", Kind.POOLING, _avgpool_vjp, check=_rank_known),
     OpSpec("GlobalAveragePool", Kind.POOLING, _gap_vjp, check=_rank_known),
     OpSpec("ReduceMean", Kind.POOLING, _reducemean_vjp, check=_reducemean_check),
+    # the statistics of normalizations written out, which LRP holds constant
+    _gradient_only_reduction("ReduceSum", lambda em, x, y, axes: None),
+    _gradient_only_reduction("ReduceSumSquare", lambda em, x, y, axes: x * 2.0),
+    _gradient_only_reduction("ReduceL2", _l2),
+    _gradient_only_reduction("ReduceMax", _winners),
+    _gradient_only_reduction("ReduceMin", _winners),
 ]

@@ -33,6 +33,8 @@ def source_kind(tensor: gs.Tensor, limit: int = 12) -> str | None:
             return None
         node = tensor.inputs[0]
         spec = lookup(node.op)
+        if spec is not None and spec.gradient_only:
+            spec = None  # not an LRP op: no gate
         if spec is not None and spec.kind is Kind.SOFTMAX:
             return "softmax"
         if spec is not None and spec.kind is Kind.ACTIVATION:

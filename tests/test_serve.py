@@ -275,3 +275,26 @@ def test_serving_a_model_that_is_not_compiled_is_refused(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"lrpc: error: {DIGITS / 'digits_cnn.onnx'}: not a compiled file; run lrpc compile first"]
+
+
+def test_a_gradient_method_file_is_served_like_any_compiled_file(tmp_path):
+    """An IntegratedGradients file (its steps batched inside the graph) behind the server:
+    each row of a merged batch gets its own attribution, as a local session computes it."""
+    path = lrpc.compile_file(DIGITS / "digits_cnn.onnx", tmp_path / "ig.onnx",
+                             method="IntegratedGradients(steps=8)")
+    running = Server(path, tmp_path)
+    try:
+        client = running.http()
+        meta = client.get_model_metadata("lrpc")
+        assert {o["name"] for o in meta["outputs"]} == {"probabilities", "attribution"}
+        x, target = SAMPLES[:3], np.array([[1], [-1], [7]], np.int64)
+        result = client.infer("lrpc", request(httpclient, x, target))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        local = dict(zip([o.name for o in session.get_outputs()],
+                         session.run(None, {"input": x, "lrp_target": target.reshape(-1)})))
+        np.testing.assert_allclose(result.as_numpy("attribution"), local["attribution"], rtol=1e-5,
+                                   atol=1e-6 * np.abs(local["attribution"]).max())
+    finally:
+        code, _ = running.stop()
+        running.cleanup()
+    assert code == 0

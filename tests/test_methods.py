@@ -295,3 +295,16 @@ def test_a_rounding_has_the_fake_quantization_gradient():
     expected = _gradient(fn, x, [0, 1, 2])
     assert (expected == 0).any() and (expected != 0).any()
     assert _close(got, expected)
+
+
+@pytest.mark.parametrize("method", ["Gradient()", "IntegratedGradients(steps=8, method='riemann_trapezoid')",
+                                    "SmoothGrad(samples=4, stdev=0.0)", "GradCAM(layer=2)"])
+def test_method_files_run_in_openvino(cnn_path, method):
+    """The files are standard ONNX: OpenVINO computes the same attribution (SmoothGrad's
+    noise aside: each runtime draws its own)."""
+    from support.runtimes import openvino_run
+
+    compiled = lrpc.compile(cnn_path, method=method, target_input="required")
+    feeds = {"input": X, "lrp_target": np.array([1, 4, 9], np.int64)}
+    there = openvino_run(compiled.SerializeToString(), feeds)["attribution"]
+    assert _close(there, _run(compiled, X, [1, 4, 9])["attribution"])

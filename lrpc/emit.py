@@ -256,8 +256,9 @@ class _BatchedForward:
         graph = program.graph
         batch = x.shape[0] if x.shape else None
         if not isinstance(batch, str):
+            has = f"a fixed batch ({batch})" if isinstance(batch, int) else "no known batch axis"
             raise LrpcError(f"{method.name} batches its {method.copies} copies along the batch axis, and "
-                            f"{x.name!r} has a fixed batch ({batch}): export the model with a dynamic batch axis")
+                            f"{x.name!r} has {has}: export the model with a dynamic batch axis")
         self.rows = method.rows(em, x)
         renamed = {x.name: self.rows.value}
         for t in graph.inputs:

@@ -469,10 +469,19 @@ def find_layer(analysis: Analysis, ref) -> Layer:
 
 
 def _relevance_point(analysis: Analysis, ref) -> gs.Tensor:
-    """Where ``--relevance-at`` reads relevance: a layer's output, or a tensor by name."""
-    tensors = analysis.program.graph.tensors()
-    if isinstance(ref, str) and ref in tensors and ref in analysis.table.carriers:
+    """Where ``--relevance-at`` (and GradCAM) reads: a layer's output, a tensor by name, or
+    the output of any node on the relevance path by name (an activation too; a dynamo
+    export's own node names are known as well as the module paths lrpc names them by)."""
+    program, table = analysis.program, analysis.table
+    tensors = program.graph.tensors()
+    if isinstance(ref, str) and ref in tensors and ref in table.carriers:
         return tensors[ref]
+    if isinstance(ref, str):
+        name = program.aliases.get(ref, ref)
+        nodes = [n for n in table.nodes if n.name == name and n.outputs and n.outputs[0].name in table.carriers]
+        if len(nodes) == 1 and id(nodes[0]) not in {id(layer.node) for layer in table.layers}:
+            return nodes[0].outputs[0]
+        ref = name
     return find_layer(analysis, ref).output
 
 

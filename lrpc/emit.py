@@ -260,6 +260,8 @@ class _BatchedForward:
             raise LrpcError(f"{method.name} batches its {method.copies} copies along the batch axis, and "
                             f"{x.name!r} has {has}: export the model with a dynamic batch axis")
         self.rows = method.rows(em, x)
+        self.rows.value.shape = _batched_shape(x.shape, batch)
+        self.rows.value.dtype = x.dtype
         renamed = {x.name: self.rows.value}
         for t in graph.inputs:
             if t.name != x.name and t.shape and t.shape[0] == batch:
@@ -380,7 +382,7 @@ def _clone_nodes(program: Program, table: LayerTable, originals: list, renamed: 
                  batch=None) -> tuple[list, _ClonedTable]:
     """Copies of ``originals`` (topological order) reading ``renamed`` (tensor name -> the
     tensor standing in for it) and each other's outputs; their outputs' batch axis becomes
-    ``rows`` (every output's, or with ``batch`` given only those whose first dim is it).
+    ``rows`` (every output's first, or with ``batch`` given every axis of that symbol).
     A fused pattern's copy gets copies of its original nodes, which unfusing restores."""
     graph = program.graph
     renamed = dict(renamed)
@@ -389,10 +391,7 @@ def _clone_nodes(program: Program, table: LayerTable, originals: list, renamed: 
         inputs = [renamed.get(t.name, t) for t in node.inputs]
         outputs = []
         for t in node.outputs:
-            shape = t.shape
-            if shape is not None and (batch is None or (len(shape) and shape[0] == batch)):
-                shape = [rows, *shape[1:]]
-            copy = gs.Variable(f"{t.name}/{rows}", dtype=t.dtype, shape=shape)
+            copy = gs.Variable(f"{t.name}/{rows}", dtype=t.dtype, shape=_batched_shape(t.shape, batch, rows))
             renamed[t.name] = copy
             outputs.append(copy)
         clone = gs.Node(node.op, name=f"{node.name}/{rows}" if node.name else "", attrs=dict(node.attrs),
@@ -407,6 +406,18 @@ def _clone_nodes(program: Program, table: LayerTable, originals: list, renamed: 
     names = {name: t.name for name, t in renamed.items()}
     carriers = {names[c] for c in table.carriers if c in names}
     return clones, _ClonedTable(by_node, carriers, names, {v: k for k, v in names.items()})
+
+
+def _batched_shape(shape, batch, rows: str = "lrp_rows"):
+    """A tensor's declared shape in a copy of the forward with more rows: the batch symbol
+    becomes ``rows`` (``batch`` None: the first axis does) and every other symbol unknown
+    (``5*batch``, an exporter's ``unk__37``: they may stand for the batch too); static
+    dims stay, so ranks and broadcast axes are still known."""
+    if shape is None:
+        return None
+    if batch is None:
+        return [rows, *shape[1:]] if len(shape) else list(shape)
+    return [rows if d == batch else d if isinstance(d, (int, np.integer)) else None for d in shape]
 
 
 def _cloned_pattern(saved: list, renamed: dict, rows: str) -> list:

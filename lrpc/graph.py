@@ -58,6 +58,8 @@ class Program:
     # a deployed form (quantized, half precision): the input model, whose forward the
     # compiled file runs, while this program is its float analysis twin (lrpc.deployed)
     deployed: onnx.ModelProto | None = None
+    # a node's name in the input file -> its name here (dynamo nodes named after their modules)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> "Program":
@@ -75,6 +77,7 @@ class Program:
         new = Program.from_model(model)
         new.ir_version = max(self.ir_version, model.ir_version)
         new.deployed = self.deployed
+        new.aliases = dict(self.aliases)
         new.notes = self.notes + [note]
         return new
 

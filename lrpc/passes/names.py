@@ -41,6 +41,7 @@ def name_from_scopes(program: Program, model: onnx.ModelProto) -> Program:
             name = f"{base}_{k}"
         used[base] = k + 1
         taken.add(name)
+        program.aliases[node.name] = name
         node.name = name
         renamed += 1
     if renamed:

@@ -65,6 +65,7 @@ bench: $(STAMP) $(SERVE_STAMP)
 	$(PY) benchmarks/deployed.py --output BENCHMARKS.md
 	$(PY) benchmarks/startup.py --output BENCHMARKS.md
 	$(PY) benchmarks/recurrent.py --output BENCHMARKS.md
+	$(PY) benchmarks/methods.py --output BENCHMARKS.md
 	$(PY) benchmarks/serve_load.py --serve-python $(SERVE_VENV)/bin/python --output BENCHMARKS.md
 
 clean:

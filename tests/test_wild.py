@@ -555,3 +555,22 @@ def test_silero_vad_explains_through_its_stft_front_end_and_lstm(tmp_path):
     branching = wheel_model(tmp_path, "silero_vad-*.whl", "silero_vad/data/silero_vad.onnx")
     with pytest.raises(lrpc.UnsupportedModelError, match="control flow"):
         lrpc.compile(str(branching))
+
+
+def test_gradient_methods_take_the_region_of_a_dense_output(unet):
+    """IntegratedGradients of a channel summed over a region, as Captum computes it for
+    ``f(x) = Σ_p region_p z_{k,p}`` (the U-Net's nearest upsampling, concatenations, pools)."""
+    from captum.attr import IntegratedGradients
+
+    model, path = unet
+    x = families.example_input("unet", 2, seed=3)
+    region = np.zeros((32, 32), np.float32)
+    region[4:20, 8:30] = 1.0
+    expl = lrpc.IntegratedGradients(str(path), steps=8).analyze(x, [2, 4], region=region)
+    mask = torch.tensor(region)
+
+    def scores(t):
+        return (model.float()(t) * mask).sum((2, 3))
+
+    expected = IntegratedGradients(scores).attribute(torch.tensor(x), target=[2, 4], n_steps=8).numpy()
+    assert np.abs(expl.val - expected).max() / np.abs(expected).max() < 1e-5

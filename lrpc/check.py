@@ -48,6 +48,7 @@ class CheckReport:
     rows: list[CheckRow]
     input_name: str
     start_name: str
+    exact: bool = False  # the check of a gradient method (every op needs its exact derivative)
 
     @property
     def ok(self) -> bool:
@@ -58,7 +59,9 @@ class CheckReport:
         return [r for r in self.rows if not r.ok]
 
     def table(self, only_failures: bool = False) -> Table:
-        table = Table(title=escape(f"LRP model check: relevance from {self.start_name!r} to {self.input_name!r}"))
+        what = "gradient" if self.exact else "relevance"
+        table = Table(title=escape(f"{'Gradient' if self.exact else 'LRP'} model check: {what} from "
+                                   f"{self.start_name!r} to {self.input_name!r}"))
         for column in ("#", "node", "op", "kind", "status"):
             table.add_column(column)
         for r in self.rows:
@@ -130,7 +133,7 @@ def check_layers(program: Program, table: LayerTable) -> CheckReport:
             else f"the output {program.start_name!r} does not depend on this input"
         )
         rows.append(CheckRow("", program.explained_name, "(input)", "input", reason))
-    return CheckReport(rows, program.explained_name, program.start_name)
+    return CheckReport(rows, program.explained_name, program.start_name, exact=table.exact)
 
 
 def not_a_network(report: CheckReport) -> str | None:
@@ -148,11 +151,17 @@ def raise_if_unsupported(report: CheckReport, verbose: bool = True) -> None:
     n = len(report.failures)
     if not_a_network(report):
         raise UnsupportedModelError(not_a_network(report))
-    summary = (
-        f"LRP model check failed: {n} node{'s' if n != 1 else ''} lrpc cannot propagate relevance through. "
-        "LRP assumes a deep rectifier network; register new ops with lrpc.register_layer / "
-        "lrpc.register_activation, or pass skip_checks=True at your own risk."
-    )
+    nodes = f"{n} node{'s' if n != 1 else ''}"
+    if report.exact:
+        summary = (f"gradient model check failed: {nodes} lrpc knows no exact derivative of; register them "
+                   "with a derivative (lrpc.register_activation(op, derivative) / lrpc.register_layer), or pass "
+                   "skip_checks=True at your own risk.")
+    else:
+        summary = (
+            f"LRP model check failed: {nodes} lrpc cannot propagate relevance through. "
+            "LRP assumes a deep rectifier network; register new ops with lrpc.register_layer / "
+            "lrpc.register_activation, or pass skip_checks=True at your own risk."
+        )
     message = f"{report.render(only_failures=True)}\n{summary}" if verbose else summary
     raise UnsupportedModelError(message, report)
 

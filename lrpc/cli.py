@@ -619,8 +619,13 @@ def main(argv: list[str] | None = None) -> int:
         if exc.report is not None:
             _print_table(exc.report.table(only_failures=True))
             n = len(exc.report.failures)
-            print(f"lrpc: error: model check failed: {n} unsupported node(s); register them (--treat-as-activation, "
-                  "--pass-through) or use --skip-checks", file=sys.stderr)
+            if exc.report.exact:
+                print(f"lrpc: error: gradient model check failed: {n} node(s) without an exact derivative "
+                      "(register one in Python: lrpc.register_activation(op, derivative)) or use --skip-checks",
+                      file=sys.stderr)
+            else:
+                print(f"lrpc: error: model check failed: {n} unsupported node(s); register them "
+                      "(--treat-as-activation, --pass-through) or use --skip-checks", file=sys.stderr)
         else:
             print(f"lrpc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

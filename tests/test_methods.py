@@ -308,3 +308,25 @@ def test_method_files_run_in_openvino(cnn_path, method):
     feeds = {"input": X, "lrp_target": np.array([1, 4, 9], np.int64)}
     there = openvino_run(compiled.SerializeToString(), feeds)["attribution"]
     assert _close(there, _run(compiled, X, [1, 4, 9])["attribution"])
+
+
+def test_the_gradient_check_names_what_has_no_derivative(cli, tmp_path):
+    model = small_cnn(seed=0)
+    ops = list(model.graph.node)
+    last = next(i for i, n in enumerate(ops) if n.name.endswith("classifier.2/Gemm"))
+    ops.insert(last, helper.make_node("ThresholdedRelu", ["a3"], ["t"], name="/classifier/custom/ThresholdedRelu"))
+    ops[last + 1].input[0] = "t"
+    del model.graph.node[:]
+    model.graph.node.extend(ops)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    lrpc.register_activation("ThresholdedRelu")  # LRP passes it; no derivative given
+    try:
+        result = cli("compile", str(path), "-o", str(tmp_path / "g.onnx"), "--method", "Gradient")
+    finally:
+        lrpc.registry.unregister("ThresholdedRelu")
+    assert result.code == 2
+    assert "no exact derivative of ThresholdedRelu is known" in result.out  # the table's row
+    assert result.err_lines == ["lrpc: error: gradient model check failed: 1 node(s) without an exact derivative "
+                                "(register one in Python: lrpc.register_activation(op, derivative)) or use "
+                                "--skip-checks"]

@@ -242,3 +242,18 @@ def test_albert_tanh_gelu_after_a_bias_add():
     bias ``Add`` of the layer before it, its layers are shared and its embedding factorized."""
     _check_against_reference("albert", "eager", "legacy", "AttnLRP")
 
+
+
+def test_a_transformers_file_is_run_without_packed_weight_copies():
+    """The relevance pass multiplies by the same weights as the forward: onnxruntime's packed
+    copy of each right factor would double a transformer's weights, so lrpc's sessions of such
+    a file do not pack (a CNN's, mostly convolutions, do)."""
+    from lrpc.runtime.session import make_session, reads_product_weights_twice
+    from support.graphs import small_cnn
+
+    bert = lrpc.compile(onnx.load_from_string(tz.export_bytes("bert")), "AttnLRP()")
+    assert reads_product_weights_twice(bert)
+    assert not reads_product_weights_twice(onnx.load_from_string(tz.export_bytes("bert")))  # the plain export
+    assert not reads_product_weights_twice(lrpc.compile(small_cnn(seed=0)))
+    options = make_session(bert).get_session_options()
+    assert options.get_session_config_entry("session.disable_prepacking") == "1"

@@ -64,6 +64,33 @@ def resolve_providers(requested) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def reads_product_weights_twice(model: onnx.ModelProto, share: float = 0.5) -> bool:
+    """True when at least ``share`` of the weight bytes are constant right factors of a
+    ``MatMul`` or ``Gemm`` that another node reads too (a compiled transformer: its
+    relevance pass multiplies by the same weights)."""
+    from onnx import helper
+
+    sizes = {}
+    for t in model.graph.initializer:
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 4
+        count = 1
+        for d in t.dims:
+            count *= d
+        sizes[t.name] = count * itemsize
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            if name in sizes:
+                readers[name] = readers.get(name, 0) + 1
+    shared = {node.input[1] for node in model.graph.node
+              if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and readers.get(node.input[1], 0) > 1}
+    total = sum(sizes.values())
+    return total > 0 and sum(sizes[name] for name in shared) >= share * total
+
+
 def make_session(model: onnx.ModelProto | str | bytes, providers=None, threads: int | None = None):
     """An InferenceSession with full graph optimization (folds the rule-modified weights once)
     and without onnxruntime's memory pattern (see below).
@@ -80,6 +107,12 @@ def make_session(model: onnx.ModelProto | str | bytes, providers=None, threads: 
     # plan is 1.5x the peak of allocating as it goes (ResNet-50, batch 8: 2.35 against 1.5
     # GiB) at the same speed (BENCHMARKS.md, "Peak memory")
     options.enable_mem_pattern = False
+    if isinstance(model, onnx.ModelProto) and reads_product_weights_twice(model):
+        # onnxruntime packs each constant right factor of a MatMul/Gemm into a copy of its own; the
+        # relevance pass reads the same weights as left factors, so the originals stay too:
+        # a transformer's file then holds its product weights twice (GPT-2 6 x 768 at T = 256:
+        # 1.39 against 1.01 GiB, 6 % slower unpacked; BENCHMARKS.md). Convolutions keep it.
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         if int(threads) < 1:
             raise LrpcError(f"threads must be at least 1, got {threads}")

@@ -289,6 +289,8 @@ def emit_model(
     if program.deployed is not None:
         out = _deployed_file(program, out, emitted.relevance.name, analysis.relevance_dtype)
         _declare_dims(out, proven)
+    _record_weight_packing(out)
+    if program.deployed is not None:
         try:
             check(out, "compiled model", full=True)
         except LrpcError as exc:
@@ -428,6 +430,16 @@ def _declared_type(model: onnx.ModelProto, name: str) -> int | None:
     except Exception:  # shape inference refuses some contrib graphs: keep the twin's dtype
         return None
     return next((vi.type.tensor_type.elem_type for vi in inferred.value_info if vi.name == name), None)
+
+
+def _record_weight_packing(model: onnx.ModelProto) -> None:
+    """``lrpc.pack_weights``: whether sessions should let onnxruntime pack the product
+    weights, decided here once from the graph, so that a session opened from the file's path
+    (its graph never parsed in Python) knows it too."""
+    from .runtime.session import PACK_WEIGHTS_KEY, reads_product_weights_twice
+
+    entry = model.metadata_props.add()
+    entry.key, entry.value = PACK_WEIGHTS_KEY, "false" if reads_product_weights_twice(model) else "true"
 
 
 def _verify_loads(model: onnx.ModelProto) -> None:

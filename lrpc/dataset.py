@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,10 @@ def explain_dataset(model, inputs, output_dir, composite=None, *, scheduler: str
     shards = [samples[i:i + shard_size] for i in range(0, len(samples), shard_size)]
     with folder as tmp:
         compiled = tmp / "model.lrp.onnx"
-        save_model(analyzer.model, compiled)
+        if analyzer.path is not None:  # a compiled file: copied as it is, never parsed here
+            shutil.copyfile(analyzer.path, compiled)
+        else:
+            save_model(analyzer.model, compiled)
         names = [f"shard_{i:05d}.npz" for i in range(len(shards))]
         _run_shards(str(compiled), shards, spec, prep, batch_size, threads, [str(tmp / n) for n in names],
                     scheduler, workers, progress)

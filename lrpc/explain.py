@@ -91,8 +91,7 @@ def read_feature_names(value, analyzer, count: int | None) -> list[str] | None:
     if value is not None and Path(value).is_file():
         text = Path(value).read_text()
     elif value is None:
-        meta = {p.key: p.value for p in analyzer.model.metadata_props}
-        text = meta.get("feature_names")
+        text = analyzer.metadata.get("feature_names")
     if text is None:
         return None
     text = text.strip()
@@ -482,7 +481,7 @@ def write(folder: Path, run: Run, analyzer, args) -> list[dict]:
 def conservation(run: Run, analyzer, args):
     from .report import ConservationReport
 
-    return ConservationReport.from_metadata(run.report[None], analyzer._meta["lrpc.report"], args.report_threshold)
+    return ConservationReport.from_metadata(run.report[None], analyzer.metadata["lrpc.report"], args.report_threshold)
 
 
 def _write_overview(folder: Path, run: Run) -> None:
@@ -564,7 +563,7 @@ def run_command(args, analyzer_factory) -> int:
     args.cam = analyzer.heatmap == "cam"
     if region is not None and analyzer.layout != "dense":
         raise InputError("--region applies to dense outputs [N, K, H, W] (segmentation, detection maps)")
-    if args.report and "lrpc.report" not in analyzer._meta:
+    if args.report and "lrpc.report" not in analyzer.metadata:
         raise LrpcError(f"{args.model} was compiled without a report; compile with --report, or explain the "
                         "original model")
     spec = model_input(analyzer.session, analyzer.input_name, args.layout)

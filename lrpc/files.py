@@ -219,6 +219,57 @@ def _read(path: Path) -> onnx.ModelProto:
     return model
 
 
+def read_metadata(path) -> dict[str, str]:
+    """The ``metadata_props`` of the ONNX file at ``path``, read without its graph: onnx can
+    only parse the whole message (the file's weights twice in memory, then freed but not
+    returned to the system), and a compiled file is handed to onnxruntime by path. Scans the
+    top-level fields of the ``ModelProto`` in the protobuf wire format, seeking past the
+    others; {} for anything it cannot read (the full load then says what is wrong)."""
+    def varint(read) -> int:
+        value = shift = 0
+        while True:
+            byte = read(1)
+            if not byte:
+                raise EOFError
+            value |= (byte[0] & 0x7F) << shift
+            if byte[0] < 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise ValueError("varint too long")
+
+    def fields(read, end: int, tell, skip):
+        while tell() < end:
+            key = varint(read)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                yield number, varint(read)
+            elif wire == 2:
+                size = varint(read)
+                if tell() + size > end:
+                    raise ValueError("field past the end")
+                yield number, (tell(), size)
+                skip(tell() + size)
+            elif wire in (1, 5):
+                skip(tell() + (8 if wire == 1 else 4))
+            else:
+                raise ValueError(f"wire type {wire}")
+
+    metadata: dict[str, str] = {}
+    try:
+        with open(path, "rb") as handle:
+            end = os.fstat(handle.fileno()).st_size
+            for number, value in list(fields(handle.read, end, handle.tell, handle.seek)):
+                if number != 14 or not isinstance(value, tuple):  # ModelProto.metadata_props = 14
+                    continue
+                handle.seek(value[0])
+                entry = onnx.StringStringEntryProto.FromString(handle.read(value[1]))
+                metadata[entry.key] = entry.value
+    except (OSError, EOFError, ValueError, DecodeError):
+        return {}
+    return metadata
+
+
 def _all_initializers(model: onnx.ModelProto):
     yield from model.graph.initializer
     for node in model.graph.node:

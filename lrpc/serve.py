@@ -240,9 +240,9 @@ def serve(model_path, options: ServeOptions) -> int:
         raise LrpcError("lrpc serve needs PyTriton: pip install 'lrpc[cpu,serve]' (it pins numpy<2; give it its "
                         "own environment)") from None
     from .runtime import LRP
-    from .runtime.analyzer import load_compiled
+    from .runtime.analyzer import servable
 
-    handler = Handler(LRP(load_compiled(model_path), providers=options.providers, threads=options.threads))
+    handler = Handler(LRP(servable(model_path), providers=options.providers, threads=options.threads))
     inputs, outputs = handler.tensors()
     ports = {key: getattr(options, f"{key}_port") or free_port(options.host) for key in ("http", "grpc", "metrics")}
     _libpython_first()

@@ -113,7 +113,7 @@ def test_pp_ocr_detector_strips_its_sigmoid_and_explains_a_dense_map(tmp_path):
     path = rapidocr_model(tmp_path, "ch_PP-OCRv4_det_infer.onnx")
     assert [n.op_type for n in onnx.load(str(path)).graph.node][-1] == "Sigmoid"
     analyzer = lrpc.LRP(str(path), lrpc.EpsilonPlus())
-    assert analyzer.layout == "dense" and "Sigmoid" not in analyzer._meta["lrpc.relevance_start"]
+    assert analyzer.layout == "dense" and "Sigmoid" not in analyzer.metadata["lrpc.relevance_start"]
     x = np.random.default_rng(2).random((1, 3, 64, 64), dtype=np.float32)
     region = np.zeros((64, 64), np.float32)
     region[16:32, 16:48] = 1

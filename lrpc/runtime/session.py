@@ -3,13 +3,14 @@ available, else the CPU."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 
-from ..errors import LrpcError
+from ..errors import LrpcError, ModelLoadError
 
 #: short names for ``--providers`` (full onnxruntime names work too)
 PROVIDER_NAMES = {
@@ -91,13 +92,33 @@ def reads_product_weights_twice(model: onnx.ModelProto, share: float = 0.5) -> b
     return total > 0 and sum(sizes[name] for name in shared) >= share * total
 
 
-def make_session(model: onnx.ModelProto | str | bytes, providers=None, threads: int | None = None):
+#: metadata key of a compiled file: "false" when its sessions should not pack weights
+PACK_WEIGHTS_KEY = "lrpc.pack_weights"
+
+
+def packs_weights(model: onnx.ModelProto, metadata: dict | None = None) -> bool:
+    """Whether a session of ``model`` should let onnxruntime pack its product weights: the
+    compiled file says so (``lrpc.pack_weights``, decided when it was compiled), else decided
+    from the graph."""
+    metadata = {p.key: p.value for p in model.metadata_props} if metadata is None else metadata
+    if PACK_WEIGHTS_KEY in metadata:
+        return metadata[PACK_WEIGHTS_KEY] != "false"
+    return not reads_product_weights_twice(model)
+
+
+def make_session(model: onnx.ModelProto | str | Path | bytes, providers=None, threads: int | None = None):
     """An InferenceSession with full graph optimization (folds the rule-modified weights once)
     and without onnxruntime's memory pattern (see below).
-    A model too large for one protobuf message is handed over as a file with external data."""
+
+    A path is handed to onnxruntime as it is (the file's metadata, read without its graph,
+    says whether to pack weights): a session made from a ``ModelProto`` costs its serialized
+    bytes on top, and onnxruntime keeps more of a model given as bytes than of one it reads
+    itself (a compiled GPT-2 6 x 768: 0.97 against 0.52 GiB resident, BENCHMARKS.md). Errors
+    onnxruntime raises for a path come back as one line. A ``ModelProto`` too large for one
+    protobuf message is handed over as a file with external data."""
     import onnxruntime as ort
 
-    from ..files import EXTERNAL_DATA_THRESHOLD, _weight_bytes, save_model
+    from ..files import EXTERNAL_DATA_THRESHOLD, _weight_bytes, read_metadata, save_model
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -107,7 +128,12 @@ def make_session(model: onnx.ModelProto | str | bytes, providers=None, threads: 
     # plan is 1.5x the peak of allocating as it goes (ResNet-50, batch 8: 2.35 against 1.5
     # GiB) at the same speed (BENCHMARKS.md, "Peak memory")
     options.enable_mem_pattern = False
-    if isinstance(model, onnx.ModelProto) and reads_product_weights_twice(model):
+    by_path = isinstance(model, (str, os.PathLike))
+    if by_path:
+        pack = read_metadata(model).get(PACK_WEIGHTS_KEY) != "false"
+    else:
+        pack = not isinstance(model, onnx.ModelProto) or packs_weights(model)
+    if not pack:
         # onnxruntime packs each constant right factor of a MatMul/Gemm into a copy of its own; the
         # relevance pass reads the same weights as left factors, so the originals stay too:
         # a transformer's file then holds its product weights twice (GPT-2 6 x 768 at T = 256:
@@ -118,6 +144,13 @@ def make_session(model: onnx.ModelProto | str | bytes, providers=None, threads: 
             raise LrpcError(f"threads must be at least 1, got {threads}")
         options.intra_op_num_threads = int(threads)
     chosen = resolve_providers(providers)
+    if by_path:
+        try:
+            return ort.InferenceSession(str(model), sess_options=options, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            text = str(exc).strip().splitlines()
+            raise ModelLoadError(f"{model}: onnxruntime cannot open it ({text[0] if text else type(exc).__name__})"
+                                 ) from None
     if isinstance(model, onnx.ModelProto) and _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         with tempfile.TemporaryDirectory(prefix="lrpc-session-") as folder:
             path = save_model(model, Path(folder) / "model.onnx", external_data=True)

@@ -12,6 +12,10 @@ SERVE_STAMP  = $(SERVE_VENV)/.installed
 # builder), whose transformers pin clashes with the main one: tests/deploy-requirements.txt
 DEPLOY_VENV  ?= .venv-deploy
 DEPLOY_STAMP  = $(DEPLOY_VENV)/.installed
+# LXT 2.1 (benchmarks/transformers.py's contender) is tested with transformers 4.52.4, the main
+# environment has transformers 5: benchmarks/lxt-requirements.txt
+LXT_VENV  ?= .venv-lxt
+LXT_STAMP  = $(LXT_VENV)/.installed
 DEMO    = examples/digits
 
 .PHONY: demo test bench install clean
@@ -44,6 +48,18 @@ $(DEPLOY_STAMP): tests/deploy-requirements.txt
 	$(DEPLOY_VENV)/bin/python -m pip install -q -r tests/deploy-requirements.txt
 	touch $(DEPLOY_STAMP)
 
+$(LXT_STAMP): benchmarks/lxt-requirements.txt
+	$(PYTHON) -m venv $(LXT_VENV)
+	$(LXT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LXT_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LXT_VENV)/bin/python -m pip install -q -r benchmarks/lxt-requirements.txt
+	# lxt's declared dependencies (accelerate, bitsandbytes, open_clip_torch, matplotlib, zennit)
+	# are for its other modes; its efficient mode needs torch and transformers only
+	$(LXT_VENV)/bin/python -m pip install -q --no-deps lxt==2.1
+	# no CPU torchvision for this torch (benchmarks/transformers.py stubs the module LXT imports)
+	$(LXT_VENV)/bin/python -m pip uninstall -q -y torchvision
+	touch $(LXT_STAMP)
+
 install: $(STAMP) $(SERVE_STAMP) $(DEPLOY_STAMP)
 
 demo: $(STAMP)
@@ -56,7 +72,7 @@ demo: $(STAMP)
 test: $(STAMP) $(SERVE_STAMP) $(DEPLOY_STAMP)
 	LRPC_SERVE_PYTHON=$(SERVE_VENV)/bin/python LRPC_DEPLOY_PYTHON=$(DEPLOY_VENV)/bin/python $(PY) -m pytest -n 2 tests
 
-bench: $(STAMP) $(SERVE_STAMP)
+bench: $(STAMP) $(SERVE_STAMP) $(LXT_STAMP)
 	$(PY) benchmarks/run.py --output BENCHMARKS.md
 	$(PY) benchmarks/floor.py --output BENCHMARKS.md
 	$(PY) benchmarks/memory.py --output BENCHMARKS.md
@@ -66,7 +82,8 @@ bench: $(STAMP) $(SERVE_STAMP)
 	$(PY) benchmarks/startup.py --output BENCHMARKS.md
 	$(PY) benchmarks/recurrent.py --output BENCHMARKS.md
 	$(PY) benchmarks/methods.py --output BENCHMARKS.md
+	$(PY) benchmarks/transformers.py --lxt-python $(LXT_VENV)/bin/python --output BENCHMARKS.md
 	$(PY) benchmarks/serve_load.py --serve-python $(SERVE_VENV)/bin/python --output BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) $(DEPLOY_VENV) demo_out demo_model .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) $(DEPLOY_VENV) $(LXT_VENV) demo_out demo_model .pytest_cache

@@ -10,6 +10,7 @@ relevance inputs. Activations pass relevance through unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import networkx as nx
 import numpy as np
@@ -90,9 +91,10 @@ def emit_relevance(
         target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_batch", targets])
         return _several_targets(em, program, table, rules, target, targets, normalize_output_relevance, region,
                                 labels, x, tensors)
-    start, explained_logit, chosen = _output_relevance(em, logits, _per_sample(em, target, logits),
-                                                       normalize_output_relevance, program, region)
-    pending: dict[str, list[Sym]] = {logits.name: [start]}
+    start = _output_relevance(em, logits, _per_sample(em, target, logits), normalize_output_relevance, program, region)
+    explained_logit, chosen = start.logit, start.chosen
+    pending: dict[str, list[Sym]] = _seed(em, program, table, backward, logits, start,
+                                          concept.layer.node if concept is not None else None)
     # the class each row explains (the arg-max resolved) and its logit: what a caller,
     # a server above all, needs to label the relevance
     extra: list[gs.Variable] = [_named_output(graph, chosen, CLASS_NAME, np.int64, ["batch"]),
@@ -145,8 +147,10 @@ def _several_targets(em: Emitter, program: Program, table, rules, target, k: int
     logits = tensors[program.start_name]
     parts, chosen_all, logit_all = [], [], []
     for column in _target_columns(em, program, logits, target, k, region):
-        start, logit, chosen = _output_relevance(em, logits, column, normalize, program, region)
-        pending = _Backward(em, rules, set()).run(table.nodes, table, {logits.name: [start]})
+        start = _output_relevance(em, logits, column, normalize, program, region)
+        logit, chosen = start.logit, start.chosen
+        backward = _Backward(em, rules, set())
+        pending = backward.run(table.nodes, table, _seed(em, program, table, backward, logits, start))
         if not pending.get(x.name):
             raise LrpcError(f"no relevance reaches input {x.name!r}")
         parts.append(add_all(pending[x.name]).value)
@@ -216,16 +220,21 @@ def emit_attribution(program: Program, table: LayerTable, method, rule: Rule, at
     stop = at.inputs[0] if at is not None and at.inputs else None
     parts, chosen_all, logit_all = [], [], []
     for column in columns:
-        start, logit, chosen = _output_relevance(em, logits, column, True, program, region)
-        chosen_all.append(chosen)
-        logit_all.append(logit.value)
+        start = _output_relevance(em, logits, column, True, program, region)
+        chosen_all.append(start.chosen)
+        logit_all.append(start.logit.value)
         if batched is not None:
+            def tile(r, rank):
+                return None if r is None else em.sym(_tiled(em, r.value, method.copies, rank, dtype))
+
+            tiled = start._replace(relevance=tile(start.relevance, len(logits.shape)),
+                                   at_position=tile(start.at_position, 2))
             pending = backward.run(batched.nodes, batched.table,
-                                   {batched.logits: [em.sym(_tiled(em, start.value, method.copies,
-                                                                   len(logits.shape), dtype))]})
+                                   _seed(em, program, batched.table, backward, batched.logits, tiled))
             found = pending.get(batched.rows.value.name)
         else:
-            pending = backward.run(table.nodes, table, {logits.name: [start]}, stop_after=stop)
+            pending = backward.run(table.nodes, table, _seed(em, program, table, backward, logits, start, stop),
+                                   stop_after=stop)
             found = pending.get((at or x).name)
         if not found:
             where = f"layer output {at.name!r}" if at is not None else f"input {x.name!r}"
@@ -249,8 +258,8 @@ class _BatchedForward:
     """The forward pass written once more over ``copies × N`` rows: the method's rows
     (noisy copies, interpolations) stand where the explained tensor was, and every other
     model input with the same batch axis (an attention mask, token types) is tiled to
-    match, so each row sees its own sample's context. Nodes that only lead to the explained
-    tensor (a token model's embedding lookup) are not copied."""
+    match, so each row sees its own sample's context. The explained tensor's producer (a token
+    model's embedding lookup) is not copied."""
 
     def __init__(self, em: Emitter, program: Program, table: LayerTable, x, method):
         graph = program.graph
@@ -263,17 +272,26 @@ class _BatchedForward:
         self.rows.value.shape = _batched_shape(x.shape, batch)
         self.rows.value.dtype = x.dtype
         renamed = {x.name: self.rows.value}
-        for t in graph.inputs:
-            if t.name != x.name and t.shape and t.shape[0] == batch:
-                renamed[t.name] = _tiled(em, t, method.copies, len(t.shape), t.dtype)
         g = node_graph(graph)
+        # the explained tensor may have lost the inputs' batch symbol on its way (a token
+        # model's Reshape before the embedding: unk__0); the inputs it comes from still say it
+        upstream = nx.ancestors(g, ("tensor", x.name))
+        symbols = {batch} | {t.shape[0] for t in graph.inputs
+                             if ("tensor", t.name) in upstream and t.shape and isinstance(t.shape[0], str)}
+        for t in graph.inputs:
+            if t.name != x.name and t.shape and t.shape[0] in symbols:
+                renamed[t.name] = _tiled(em, t, method.copies, len(t.shape), t.dtype)
         reach = set()
         for name in renamed:
             reach |= nx.descendants(g, ("tensor", name))
-        below = (nx.ancestors(g, ("tensor", program.start_name)) & reach) - nx.ancestors(g, ("tensor", x.name))
-        originals = [n for n in graph.nodes if ("node", id(n)) in below]
+        # what lies upstream of the explained tensor is copied too where the rest reads it (a
+        # causal mask sized from the token ids' shape); only the explained tensor's producer is
+        # not: the method's rows stand for its output (copies nothing reads are cleaned up)
+        below = nx.ancestors(g, ("tensor", program.start_name)) & reach
+        originals = [n for n in graph.nodes if ("node", id(n)) in below and all(t.name != x.name for t in n.outputs)]
         self.nodes, self.table = _clone_nodes(program, table, originals, renamed, "lrp_rows", batch=batch)
-        self.logits = self.table.renamed[program.start_name]
+        start_name = self.table.renamed[program.start_name]
+        self.logits = next(t for n in self.nodes for t in n.outputs if t.name == start_name)
 
 
 def _relevance_name(tensors) -> str:
@@ -343,9 +361,12 @@ class _Backward:
         em = self.em
         batch = em.op("Shape", [x], {"start": 0, "end": 1}, dtype=np.int64)
         nothing = em.filled(batch, 0.0)
+        per_sample = em.op("Concat", [batch, em.ints([-1])], {"axis": 0}, dtype=np.int64)
 
         def total(r: Sym):
-            flat = em.op("Flatten", [r], {"axis": 1}, dtype=em.dtype)
+            # [N, -1], not Flatten: a layer may see the batch merged with another axis
+            # ([N·T, H] around a Gemm, as GPT-2's legacy export writes its Conv1D)
+            flat = em.op("Reshape", [r, per_sample], dtype=em.dtype)
             return em.op("ReduceSum", [flat, em.ints([1])], {"keepdims": 0}, dtype=em.dtype)
 
         columns = []
@@ -437,7 +458,18 @@ def _cloned_pattern(saved: list, renamed: dict, rows: str) -> list:
     return entries
 
 
-def _output_relevance(em: Emitter, logits, target, normalize: bool, program: Program, region=None) -> Sym:
+class _Start(NamedTuple):
+    """Where the relevance starts: ``relevance`` at the output (its shape), the explained
+    ``logit`` and ``chosen`` class per sample, and for a ``sequence`` output the relevance
+    at the explained position alone (``[N, V]``; zero at every other position)."""
+
+    relevance: Sym
+    logit: Sym
+    chosen: object
+    at_position: Sym | None = None
+
+
+def _output_relevance(em: Emitter, logits, target, normalize: bool, program: Program, region=None) -> _Start:
     """One-hot of the explained class per sample; a negative target means the arg-max.
 
     ``flat`` outputs (``[N, K]``, ``[N, K, 1, 1]``) are explained over their flattened
@@ -455,20 +487,78 @@ def _output_relevance(em: Emitter, logits, target, normalize: bool, program: Pro
         mask = em.sym(em.op("Reshape", [onehot, em.ints([0, -1] + [1] * (rank - 2))], dtype=em.dtype)) * em.sym(region)
         logit = _picked(em, onehot, scores)
         if not normalize:
-            return mask * em.sym(logits), logit, chosen
-        return em.sym(em.op("Expand", [mask, em.shape_of(logits)], dtype=em.dtype)), logit, chosen  # output's shape
+            return _Start(mask * em.sym(logits), logit, chosen)
+        return _Start(em.sym(em.op("Expand", [mask, em.shape_of(logits)], dtype=em.dtype)), logit, chosen)  # its shape
     scores = _class_scores(em, logits, program, region)
     classes = _dim(em, scores, 1)
     chosen = _chosen(em, scores, target)
     onehot = em.sym(_one_hot(em, chosen, classes)) + _nan_if_out_of_range(em, chosen, classes)
     logit = _picked(em, onehot, scores)
     if position is not None:
-        at = _one_hot(em, em.ints([position]), _dim(em, logits, 1))  # [1, T], 1 at the position
-        onehot = em.sym(em.op("Unsqueeze", [onehot, em.ints([1])], dtype=em.dtype)) * em.sym(
-            em.op("Reshape", [at, em.ints([1, -1, 1])], dtype=em.dtype))
-    elif static_shape(logits) is None or len(static_shape(logits)) != 2:
+        at_position = onehot if normalize else onehot * em.sym(scores)
+        spread = em.sym(em.op("Unsqueeze", [at_position.value, em.ints([1])], dtype=em.dtype)) * em.sym(
+            _position_mask(em, logits, position))
+        return _Start(spread, logit, chosen, at_position)
+    if static_shape(logits) is None or len(static_shape(logits)) != 2:
         onehot = em.sym(em.op("Reshape", [onehot, em.shape_of(logits)], dtype=em.dtype))
-    return (onehot if normalize else onehot * em.sym(logits)), logit, chosen
+    return _Start(onehot if normalize else onehot * em.sym(logits), logit, chosen)
+
+
+def _position_mask(em: Emitter, like, position: int):
+    """``[1, T, 1]``: 1 at the explained position of ``like``'s axis 1, 0 elsewhere."""
+    at = _one_hot(em, em.ints([position]), _dim(em, like, 1))  # [1, T]
+    return em.op("Reshape", [at, em.ints([1, -1, 1])], dtype=em.dtype)
+
+
+@dataclass
+class _NodeAt:
+    """A node seen at one position of its sequence axis: the same op, attributes and weight,
+    its activation and output gathered there. Rules and VJPs read it as they read the node;
+    it is never added to the graph."""
+
+    op: str
+    name: str
+    attrs: dict
+    domain: str
+    inputs: list
+    outputs: list
+
+
+def _seed(em: Emitter, program: Program, table, backward: "_Backward", logits, start: _Start,
+          stop_after=None) -> dict:
+    """The relevance the backward pass starts from, by tensor name.
+
+    A sequence output is explained at one position, so its relevance is zero at every other.
+    When the output is a MatMul of an activation ``[N, T, H]`` by a weight ``[H, V]`` (a
+    language model's head), the head's rule runs at that position alone (``[N, H]`` by
+    ``[H, V]``; a MatMul's rows are independent, so the numbers are the same) and its
+    input's relevance is that row, zero elsewhere: no ``[N, T, V]`` relevance tensors (four
+    of 49 MiB for GPT-2 at T = 256) and 1/T of the head's backward product."""
+    full = {logits.name: [start.relevance]}
+    if start.at_position is None or logits.name in backward.watch:
+        return full
+    head = next((layer for layer in table.by_node.values() if layer.node.outputs and layer.node.outputs[0] is logits),
+                None)
+    if (head is None or head.node is stop_after or head.op_type != "MatMul" or head.kind in TRANSPARENT
+            or head.acts != [0] or head.param_slots.get("weight") != 1):
+        return full
+    x, weight = head.node.inputs
+    shapes = static_shape(x), static_shape(weight), static_shape(logits)
+    if None in shapes or [len(shape) for shape in shapes] != [3, 2, 3]:
+        return full
+    index = em.const(program.position, np.int64)
+    x_at = em.op("Gather", [x, index], {"axis": 1}, dtype=em.dtype)
+    z_at = em.op("Gather", [logits, index], {"axis": 1}, dtype=em.dtype)
+    x_at.shape, z_at.shape = [x.shape[0], x.shape[2]], [logits.shape[0], logits.shape[2]]
+    node = _NodeAt(head.node.op, head.node.name, dict(head.node.attrs), head.node.domain, [x_at, weight], [z_at])
+    incoming = _propagate(em, replace(head, node=node), backward.rules, start.at_position, backward.through)
+    if not incoming or incoming[0] is None or incoming[0].is_zero:
+        return full
+    spread = em.sym(em.op("Unsqueeze", [incoming[0].value, em.ints([1])], dtype=em.dtype)) * em.sym(
+        _position_mask(em, x, program.position))
+    if backward.report is not None and head.index >= 0:
+        backward.report[head.index] = (start.at_position, [spread])
+    return {x.name: [spread]}
 
 
 def _class_scores(em: Emitter, logits, program: Program, region=None):

@@ -62,7 +62,8 @@ STDEV = 0.1  # inputs are N(0, 1)
 CORRELATION = 0.95
 
 CNNS = ("lenet", "resnet")
-MODELS = ("lenet", "resnet", "gelu_mlp", "torch_encoder", "written_encoder", "bert")
+MODELS = ("lenet", "resnet", "gelu_mlp", "torch_encoder", "written_encoder", "bert", "gpt2")
+TOKEN_MODELS = ("bert", "gpt2")  # GPT-2: a causal LM, its last position explained
 EXPORTERS = ("legacy", "dynamo")
 CASES = [(m, e) for m in MODELS for e in EXPORTERS] + [("resnet", "legacy-nofold")]
 
@@ -104,11 +105,11 @@ _BUILDERS = {"lenet": zoo.lenet, "resnet": zoo.resnet, "gelu_mlp": cm.smooth_mlp
 
 @functools.lru_cache(maxsize=None)
 def torch_side(name: str) -> TorchSide:
-    if name == "bert":
-        model = tz.build("bert", "eager")
-        ex = tz.example("bert", N)  # the last sample's last two positions are padding
+    if name in TOKEN_MODELS:
+        model = tz.build(name, "eager")
+        ex = tz.example(name, N)  # the last sample's last two positions are padding
         ids, mask = torch.from_numpy(ex.ids), torch.from_numpy(ex.mask)
-        forward = cm.AtEmbedding(model).eval()
+        forward = cm.AtEmbedding(model, position=-1 if tz.is_causal_lm(name) else None).eval()
         inputs = torch.from_numpy(tz.embed(model, ex.ids))
         extra = (ids, mask)
     else:
@@ -137,16 +138,16 @@ def _session(data: bytes) -> ort.InferenceSession:
 @functools.lru_cache(maxsize=None)
 def case(name: str, exporter: str) -> Case:
     side = torch_side(name)
-    if name == "bert":
-        data = tz.export_bytes("bert", "eager", exporter)
-        ex = tz.example("bert", N)
+    if name in TOKEN_MODELS:
+        data = tz.export_bytes(name, "eager", exporter)
+        ex = tz.example(name, N)
         feeds = {"input": ex.ids, "mask": ex.mask}
     else:
         x = side.inputs.numpy()
         data = cm.export_bytes(side.model, x, exporter)
         feeds = {"input": x}
     logits = _session(data).run(["logits"], feeds)[0]
-    assert relative_error(logits, side.logits) < 1e-5
+    assert relative_error(logits[:, -1] if tz.is_causal_lm(name) else logits, side.logits) < 1e-5
     best = side.logits.argmax(1)
     targets = ((best + np.arange(N)) % side.logits.shape[1]).astype(np.int64)  # sample 0: its arg-max
     return Case(name, exporter, data, feeds, side.inputs.numpy(), logits, targets)

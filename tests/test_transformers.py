@@ -116,6 +116,57 @@ def test_language_model_position_and_target():
         lrpc.compile(onnx.load_from_string(tz.export_bytes("bert", "eager", "legacy")), lrpc.AttnLRP(), position=9)
 
 
+def test_a_language_models_head_is_explained_at_its_position_only():
+    """Relevance at a sequence output is zero away from the explained position, so the head's
+    rule runs on the gathered row ([N, H] by [H, V]) instead of on [N, T, V] relevance: no
+    relevance node that reads the head's weight sees the logits or the head's input except
+    through the Gather of the position (the values are the reference's, in the tests above)."""
+    import networkx as nx
+
+    model = lrpc.compile(onnx.load_from_string(tz.export_bytes("gpt2", "eager", "legacy")), lrpc.AttnLRP(),
+                         position=3)
+    nodes = list(model.graph.node)
+    head = next(n for n in nodes if "logits" in n.output and not n.name.startswith("lrp/"))
+    assert head.op_type == "MatMul"
+    x, weight = head.input
+    gathers = [n for n in nodes if n.op_type == "Gather" and n.input[0] in (x, "logits")
+               and any(a.name == "axis" and a.i == 1 for a in n.attribute)]
+    assert {n.input[0] for n in gathers} == {x, "logits"}
+    g = nx.DiGraph()
+    for n in nodes:
+        if n in gathers or n.op_type == "Shape":
+            continue  # the only way from the sequence to the head's relevance (Shape: sizes only)
+        for t in n.input:
+            g.add_edge(("t", t), ("n", n.name))
+        for t in n.output:
+            g.add_edge(("n", n.name), ("t", t))
+    readers = [n for n in nodes if n.name.startswith("lrp/") and weight in n.input]
+    assert readers, "the relevance pass reads the head's weight"
+    for n in readers:
+        for t in n.input:
+            if t != weight:
+                seen = nx.ancestors(g, ("t", t)) | {("t", t)}
+                assert ("t", "logits") not in seen and ("t", x) not in seen, (n.name, t)
+
+
+def test_a_language_models_conservation_report():
+    """``report=True`` on GPT-2, whose legacy export runs its Conv1D layers on [N·T, H]: the
+    per-layer sums are per sample all the same; the head (ε-rule, no bias) passes on the
+    relevance it gets (one per sample, normalized), and so does every layer of the file up to
+    its ε and biases: the input's relevance is what the first layer passes on."""
+    analyzer = lrpc.LRP(onnx.load_from_string(tz.export_bytes("gpt2", "eager", "legacy")), lrpc.AttnLRP(),
+                        report=True)
+    ex = tz.example("gpt2", 3)
+    explanation = analyzer.analyze(ex.ids, extra_inputs={"mask": ex.mask})
+    report = explanation.report()
+    head = report.rows[-1]
+    assert head.op_type == "MatMul" and "lm_head" in head.name
+    assert head.relevance_out == pytest.approx(3.0, rel=1e-6)  # three samples, one each
+    assert head.relevance_in == pytest.approx(head.relevance_out, rel=1e-5)
+    first = min(report.rows, key=lambda row: row.index)
+    assert float(explanation.val.sum()) == pytest.approx(first.relevance_in, rel=1e-4, abs=1e-6)
+
+
 def test_cp_lrp_sends_nothing_through_queries_and_keys():
     """Under CP-LRP the softmax branch gets no relevance: the Q·Kᵀ MatMul and the softmax
     are layers with rules, but the compiled file propagates nothing through them."""

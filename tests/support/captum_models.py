@@ -178,17 +178,18 @@ class AtEmbedding(nn.Module):
     ``mask`` with its word-embedding lookup's output replaced by ``embeddings`` (a forward
     hook), so position / token-type embeddings, LayerNorm and the mask are the model's own."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, position: int | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.position = model, position  # position: a causal LM's explained one
 
     def forward(self, embeddings, ids, mask):
         layer = self.model.get_input_embeddings()
         handle = layer.register_forward_hook(lambda module, args, output: embeddings)
         try:
-            return self.model(input_ids=ids, attention_mask=mask).logits
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
         finally:
             handle.remove()
+        return logits if self.position is None else logits[:, self.position]
 
 
 def module_output(model: nn.Module, module: nn.Module, x: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -445,23 +446,25 @@ def _record_weight_packing(model: onnx.ModelProto) -> None:
 def _verify_loads(model: onnx.ModelProto) -> None:
     """A file that compiles but cannot run is refused now, not at the user's first run:
     onnxruntime (when installed) builds a session from it, optimizations off (kernel
-    lookup and type checks are what matter, in well under a second)."""
+    lookup and type checks are what matter), its large weights read as zeros from a sparse
+    file (never copied, so any size is checked, in well under a second)."""
     try:
         import onnxruntime as ort
     except ImportError:
         return
-    from .files import EXTERNAL_DATA_THRESHOLD, _weight_bytes
+    from .files import save_with_placeholder_weights
 
-    if _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        return  # too large to hand over in memory; written with external data, it loads by path
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LrpcError(f"the compiled model does not load in onnxruntime {ort.__version__}: {first}") from None
+    with tempfile.TemporaryDirectory(prefix="lrpc-verify-") as folder:
+        path = save_with_placeholder_weights(model, folder)
+        try:
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first.replace(f"Load model from {path} failed:", "")  # the temporary copy's name
+            raise LrpcError(f"the compiled model does not load in onnxruntime {ort.__version__}: {first}") from None
 
 
 def find_layer(analysis: Analysis, ref) -> Layer:

@@ -57,7 +57,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -67,6 +66,8 @@ ROOT = os.path.dirname(HERE)
 CACHE = os.path.join(ROOT, '.bench')
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
+
+import workers as protocol  # noqa: E402  (benchmarks/workers.py: the contenders' process protocol)
 
 BEGIN, END = '<!-- lrpc-methods-bench:begin -->', '<!-- lrpc-methods-bench:end -->'
 OPSET = 17
@@ -231,14 +232,6 @@ def prepare(name: str, methods: list[str], compile_repeats: int) -> dict:
 # the worker: one contender in a fresh process, driven over stdin/stdout
 # --------------------------------------------------------------------------------------------------
 
-def _status() -> dict:
-    """VmRSS and VmHWM of this process, bytes."""
-    with open('/proc/self/status') as handle:
-        lines = handle.read().splitlines()
-    return {key: int(next(line.split()[1] for line in lines if line.startswith(key + ':'))) * 1024
-            for key in ('VmRSS', 'VmHWM')}
-
-
 def _lrpc_contender(name: str, method: str, threads: int, shrink: bool = True):
     import onnxruntime as ort
 
@@ -321,111 +314,27 @@ def _captum_contender(name: str, method: str, threads: int, shrink: bool = True,
 
 
 def worker(contender: str, name: str, method: str, threads: int, shrink: bool = True) -> int:
-    """Answers one JSON line per command line: ``setup`` (``target``), ``run``, ``save``
-    (``path``: the last two attributions and the logits), ``exit`` (with the peak)."""
-    proto = os.fdopen(os.dup(1), 'w', buffering=1)
-    os.dup2(2, 1)     # anything the libraries print goes to stderr, not into the protocol
-    start = time.perf_counter()
-    state = {'results': []}
-    try:
+    """One contender over ``protocol.serve``: ``save`` writes the last two attributions and the logits."""
+    def make():
         if contender == 'lrpc':
-            setup, call = _lrpc_contender(name, method, threads, shrink)
-        else:
-            setup, call = _captum_contender(name, method, threads, shrink, double=contender == 'captum64')
-        ready = {'load_s': time.perf_counter() - start, 'modules_torch': 'torch' in sys.modules}
-    except Exception as error:     # noqa: BLE001
-        setup = call = None
-        ready = {'error': f'{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ""}'}
-    proto.write(json.dumps({**ready, **_status()}) + '\n')
-    for line in sys.stdin:
-        command = json.loads(line)
-        reply = {}
-        try:
-            if command['cmd'] == 'setup':
-                reply['target'] = setup(command.get('target'))
-            elif command['cmd'] == 'run':
-                begin = time.perf_counter()
-                result = call()
-                reply['s'] = time.perf_counter() - begin
-                state['results'] = (state['results'] + [result])[-2:]
-            elif command['cmd'] == 'save':
-                arrays = {f'attribution{i}': r[0] for i, r in enumerate(state['results'])}
-                np.savez(command['path'], logits=state['results'][-1][1], **arrays)
-            elif command['cmd'] == 'exit':
-                proto.write(json.dumps(_status()) + '\n')
-                return 0
-        except Exception as error:     # noqa: BLE001
-            reply['error'] = f'{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ""}'
-        proto.write(json.dumps({**reply, **_status()}) + '\n')
-    return 0
+            return _lrpc_contender(name, method, threads, shrink)
+        return _captum_contender(name, method, threads, shrink, double=contender == 'captum64')
+
+    def save(results, path):
+        np.savez(path, logits=results[-1][1], **{f'attribution{i}': r[0] for i, r in enumerate(results)})
+
+    return protocol.serve(make, save, keep=2)
 
 
-class Worker:
+def Worker(contender: str, name: str, method: str, threads: int, log, shrink: bool = True) -> protocol.Worker:
     """A contender's process, as the parent sees it."""
-
-    def __init__(self, contender: str, name: str, method: str, threads: int, log, shrink: bool = True):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   TOKENIZERS_PARALLELISM='false', PYTHONWARNINGS='ignore')
-        self.contender = contender
-        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--worker', contender, name,
-                                         method, str(threads), str(int(shrink))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=log, text=True, cwd=ROOT, env=env)
-        self.hello = self._read()
-
-    def _read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f'the {self.contender} worker ended (exit status {self.process.wait()}); see '
-                               f'.bench/methods-workers.log')
-        return json.loads(line)
-
-    def ask(self, cmd: str, **fields) -> dict:
-        self.process.stdin.write(json.dumps({'cmd': cmd, **fields}) + '\n')
-        self.process.stdin.flush()
-        reply = self._read()
-        if 'error' in reply:
-            raise RuntimeError(f'{self.contender}: {reply["error"]}')
-        return reply
-
-    def close(self) -> dict:
-        try:
-            reply = self.ask('exit')
-        finally:
-            self.process.stdin.close()
-            self.process.wait(timeout=60)
-        return reply
+    return protocol.Worker(contender, [os.path.abspath(__file__), '--worker', contender, name, method, str(threads),
+                                      str(int(shrink))], log, '.bench/methods-workers.log', threads, cwd=ROOT,
+                          close_timeout=60)
 
 
-class RssSampler:
-    """The resident sets of this process and of every worker, summed, every ``period`` seconds."""
+RssSampler = protocol.RssSampler
 
-    def __init__(self, period: float = 0.2):
-        self.period, self.pids, self.peak = period, set(), 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _rss(pid) -> int:
-        try:
-            with open(f'/proc/{pid}/status') as handle:
-                return int(next(line.split()[1] for line in handle if line.startswith('VmRSS:'))) * 1024
-        except (OSError, StopIteration):
-            return 0
-
-    def _loop(self):
-        while not self._stop.wait(self.period):
-            self.peak = max(self.peak, self._rss('self') + sum(self._rss(pid) for pid in list(self.pids)))
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
-# --------------------------------------------------------------------------------------------------
-# one (model, method)
-# --------------------------------------------------------------------------------------------------
 
 def _rel_err(a, b) -> float:
     scale = float(np.abs(b).max())

@@ -72,7 +72,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -147,34 +146,19 @@ def make_config(name: str):
                       max_position_embeddings=s['positions'], num_labels=s['labels'], attn_implementation='eager')
 
 
-def model_class(name: str):
-    family = MODELS[name]['family']
-    if family == 'gpt2':
-        from transformers import GPT2LMHeadModel
-
-        return GPT2LMHeadModel
-    if family == 'llama':
-        from transformers import LlamaForCausalLM
-
-        return LlamaForCausalLM
-    from transformers import BertForSequenceClassification
-
-    return BertForSequenceClassification
+#: family -> (transformers' model class, its modeling module under transformers.models)
+FAMILY_CLASSES = {'gpt2': ('GPT2LMHeadModel', 'gpt2.modeling_gpt2'), 'llama': ('LlamaForCausalLM', 'llama.modeling_llama'),
+                  'bert': ('BertForSequenceClassification', 'bert.modeling_bert')}
 
 
 def modeling_module(name: str):
-    family = MODELS[name]['family']
-    if family == 'gpt2':
-        from transformers.models.gpt2 import modeling_gpt2
+    import importlib
 
-        return modeling_gpt2
-    if family == 'llama':
-        from transformers.models.llama import modeling_llama
+    return importlib.import_module('transformers.models.' + FAMILY_CLASSES[MODELS[name]['family']][1])
 
-        return modeling_llama
-    from transformers.models.bert import modeling_bert
 
-    return modeling_bert
+def model_class(name: str):
+    return getattr(modeling_module(name), FAMILY_CLASSES[MODELS[name]['family']][0])
 
 
 def feeds(name: str, T: int | None = None) -> dict:
@@ -325,23 +309,6 @@ def import_lxt():
 # the worker: one contender in a fresh process, driven over stdin/stdout
 # --------------------------------------------------------------------------------------------------
 
-def _status() -> dict:
-    with open('/proc/self/status') as handle:
-        lines = handle.read().splitlines()
-    return {k: int(next(line.split()[1] for line in lines if line.startswith(k + ':'))) * 1024
-            for k in ('VmRSS', 'VmHWM')}
-
-
-def _reset_peak() -> bool:
-    """Reset this process's ``VmHWM`` to its current resident set (Linux: ``5 > clear_refs``)."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as handle:
-            handle.write('5')
-        return True
-    except OSError:
-        return False
-
-
 def _ort_plain(path: str, threads: int):
     """onnxruntime's defaults as ``run.ort_options`` sets them (memory pattern on, sequential, all
     graph optimizations); copied here: importing ``run`` would pull torch into this process."""
@@ -447,118 +414,34 @@ def _lxt_contender(name: str, T: int, dtype: str, threads: int, p: dict, identit
 
 def worker(contender: str, name: str, T: int, dtype: str, threads: int, k: str, shrink: bool = False,
            identity_eps: float | None = None) -> int:
-    """Answers one JSON line per command line: ``setup`` (``target``), ``reset`` (the peak),
-    ``run``, ``save`` (``path``: the last relevance and logits), ``exit`` (with the peak)."""
-    proto = os.fdopen(os.dup(1), 'w', buffering=1)
-    os.dup2(2, 1)     # anything the libraries print goes to stderr, not into the protocol
-    start = time.perf_counter()
+    """One contender over ``workers.serve``: ``save`` writes the last relevance and logits."""
     p = paths(name, k)
-    state = {'result': None}
-    try:
+
+    def make():
         if contender == 'lrpc':
-            setup, call = _lrpc_contender(name, T, dtype, threads, p, shrink)
-        elif contender == 'lxt':
-            setup, call = _lxt_contender(name, T, dtype, threads, p, identity_eps)
-        else:
-            setup, call = _plain_contender(name, T, dtype, threads, p)
-        ready = {'load_s': time.perf_counter() - start, 'modules_torch': 'torch' in sys.modules}
-    except Exception as error:     # noqa: BLE001
-        setup = call = None
-        ready = {'error': f'{type(error).__name__}: {str(error)[:600]}'}
-    proto.write(json.dumps({**ready, **_status()}) + '\n')
-    for line in sys.stdin:
-        command = json.loads(line)
-        reply = {}
-        try:
-            if command['cmd'] == 'setup':
-                reply['target'] = setup(command.get('target'))
-            elif command['cmd'] == 'reset':
-                reply['reset'] = _reset_peak()
-            elif command['cmd'] == 'run':
-                begin = time.perf_counter()
-                state['result'] = call()
-                reply['s'] = time.perf_counter() - begin
-            elif command['cmd'] == 'save':
-                relevance, logits = state['result']
-                arrays = {'logits': logits} if relevance is None else {'logits': logits, 'relevance': relevance}
-                np.savez(command['path'], **arrays)
-            elif command['cmd'] == 'exit':
-                proto.write(json.dumps(_status()) + '\n')
-                return 0
-        except Exception as error:     # noqa: BLE001
-            reply['error'] = f'{type(error).__name__}: {str(error)[:600]}'
-        proto.write(json.dumps({**reply, **_status()}) + '\n')
-    return 0
+            return _lrpc_contender(name, T, dtype, threads, p, shrink)
+        if contender == 'lxt':
+            return _lxt_contender(name, T, dtype, threads, p, identity_eps)
+        return _plain_contender(name, T, dtype, threads, p)
+
+    def save(results, path):
+        relevance, logits = results[-1]
+        np.savez(path, logits=logits, **({} if relevance is None else {'relevance': relevance}))
+
+    return _protocol().serve(make, save)
 
 
-class Worker:
-    """A contender's process, as the parent sees it."""
-
-    def __init__(self, contender, name, T, dtype, k, args, log, extra=()):
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-                   TOKENIZERS_PARALLELISM='false', PYTHONWARNINGS='ignore', TRANSFORMERS_VERBOSITY='error')
-        python = args.lxt_python if contender == 'lxt' else sys.executable
-        self.contender = contender
-        self.process = subprocess.Popen(
-            [python, os.path.realpath(__file__), '--worker', contender, name, str(T), dtype, str(args.threads),
-             '--key', k, *(['--shrink'] if args.shrink else []), *extra], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env)
-        self.hello = self._read()
-
-    def _read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f'the {self.contender} worker ended (exit status {self.process.wait()}); see '
-                               '.bench/transformers-workers.log')
-        return json.loads(line)
-
-    def ask(self, cmd: str, **fields) -> dict:
-        self.process.stdin.write(json.dumps({'cmd': cmd, **fields}) + '\n')
-        self.process.stdin.flush()
-        reply = self._read()
-        if 'error' in reply:
-            raise RuntimeError(f'{self.contender}: {reply["error"]}')
-        return reply
-
-    def close(self) -> dict:
-        try:
-            reply = self.ask('exit')
-        finally:
-            self.process.stdin.close()
-            self.process.wait(timeout=120)
-        return reply
-
-    def kill(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=60)
+def Worker(contender, name, T, dtype, k, args, log, extra=()):
+    """A contender's process, as the parent sees it (LXT's in its own virtualenv)."""
+    return _protocol().Worker(
+        contender, [os.path.realpath(__file__), '--worker', contender, name, str(T), dtype, str(args.threads),
+                    '--key', k, *(['--shrink'] if args.shrink else []), *extra], log,
+        '.bench/transformers-workers.log', args.threads,
+        python=args.lxt_python if contender == 'lxt' else sys.executable, cwd=ROOT)
 
 
-class RssSampler:
-    """The resident sets of this process and of every live child, summed, every ``period`` seconds."""
-
-    def __init__(self, period: float = 0.2):
-        self.period, self.pids, self.peak = period, set(), 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _rss(pid) -> int:
-        try:
-            with open(f'/proc/{pid}/status') as handle:
-                return int(next(line.split()[1] for line in handle if line.startswith('VmRSS:'))) * 1024
-        except (OSError, StopIteration):
-            return 0
-
-    def _loop(self):
-        while not self._stop.wait(self.period):
-            self.peak = max(self.peak, self._rss('self') + sum(self._rss(pid) for pid in list(self.pids)))
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
+def RssSampler():
+    return _protocol().RssSampler()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -771,7 +654,7 @@ def evaluate64(name: str, path: str, target: str, out: str) -> dict:
         logits, relevance = evaluator.run(['logits', 'relevance'], x)
     np.savez(out, relevance=relevance, logits=logits)
     return {'evaluate_s': time.perf_counter() - start, 'dtype': str(relevance.dtype),
-            'nan': int(np.isnan(relevance).sum()), **_status()}
+            'nan': int(np.isnan(relevance).sum()), **_protocol().status()}
 
 
 def embedding_sum(name: str, k: str, at: str) -> dict:
@@ -1073,6 +956,20 @@ def findings(rows, compiled) -> list[str]:
                          f'{cp.get("lrpc", 0) / GIB:.2f} against {cp.get("lxt", 0) / GIB:.2f})')
         out.append(f'- {label}: ' + '; '.join(parts))
     return out
+
+
+def _protocol():
+    """``benchmarks/workers.py`` (the contenders' process protocol), loaded by path like run.py;
+    it imports only the standard library, so LXT's environment loads it too."""
+    import importlib.util
+
+    module = sys.modules.get('lrpc_bench_workers')
+    if module is None:
+        spec = importlib.util.spec_from_file_location('lrpc_bench_workers', os.path.join(HERE, 'workers.py'))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
 
 
 def _run_module():

@@ -68,14 +68,7 @@ def emit_relevance(
     reads. ``labels``: also the class each row explains and its logit (``lrp_class``,
     ``lrp_logit``). ``targets``: K > 1 explains K classes per sample in one call
     (:func:`_several_targets`)."""
-    graph = program.graph
-    tensors = graph.tensors()
-    x = tensors[program.explained_name]
-    logits = tensors[program.start_name]
-    dtype = np.dtype(x.dtype or np.float32)
-    if dtype.kind != "f":
-        raise LrpcError(f"input {x.name!r} has dtype {dtype}; lrpc explains floating-point inputs")
-    em = Emitter(graph, dtype)
+    graph, tensors, x, logits, dtype, em = _ends(program)
     target = gs.Variable(TARGET_NAME, dtype=np.int64, shape=["lrp_targets"])
     if report and concept is not None:
         raise LrpcError("a conservation report is for LRP runs, not CRP")
@@ -197,14 +190,7 @@ def emit_attribution(program: Program, table: LayerTable, method, rule: Rule, at
     second forward pass over ``copies × N`` rows (:class:`_BatchedForward`)."""
     from .methods import ATTRIBUTION_NAME
 
-    graph = program.graph
-    tensors = graph.tensors()
-    x = tensors[program.explained_name]
-    logits = tensors[program.start_name]
-    dtype = np.dtype(x.dtype or np.float32)
-    if dtype.kind != "f":
-        raise LrpcError(f"input {x.name!r} has dtype {dtype}; lrpc explains floating-point inputs")
-    em = Emitter(graph, dtype)
+    graph, tensors, x, logits, dtype, em = _ends(program)
     region = None
     if program.layout == "dense":
         rank = len(static_shape(logits))
@@ -247,6 +233,18 @@ def emit_attribution(program: Program, table: LayerTable, method, rule: Rule, at
     name = ATTRIBUTION_NAME if ATTRIBUTION_NAME not in tensors else f"lrp_{ATTRIBUTION_NAME}"
     attribution = _named_output(graph, joined, name, dtype, [rows, *rest] if like.shape else None)
     return Emitted(target, attribution, _row_labels(em, chosen_all, logit_all) if labels else [], region)
+
+
+def _ends(program: Program):
+    """The graph, its tensors, the explained tensor and the output the backward starts at,
+    the explained dtype (floating point, else an error) and an emitter of it."""
+    graph = program.graph
+    tensors = graph.tensors()
+    x = tensors[program.explained_name]
+    dtype = np.dtype(x.dtype or np.float32)
+    if dtype.kind != "f":
+        raise LrpcError(f"input {x.name!r} has dtype {dtype}; lrpc explains floating-point inputs")
+    return graph, tensors, x, tensors[program.start_name], dtype, Emitter(graph, dtype)
 
 
 def _tiled(em: Emitter, tensor, times: int, rank: int, dtype):

@@ -45,9 +45,15 @@ def _fixed_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return model
 
 
-def floor_model(compiled: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int]:
-    """The graph of the compiled file's heavy nodes alone; returns it and how many of them it
-    holds (nodes whose input shapes cannot be inferred are left out and counted as missing)."""
+#: the most a floor graph's inputs and outputs may take at once: the heavy nodes are timed in
+#: consecutive graphs of about this size (ResNet-50 at batch 8 in one graph held 11 GiB)
+CHUNK_BYTES = 768 << 20
+
+
+def floor_model(compiled: onnx.ModelProto, batch: int) -> tuple[list[onnx.ModelProto], int]:
+    """The compiled file's heavy nodes alone, as consecutive graphs whose inputs and outputs
+    stay under ``CHUNK_BYTES`` each (their times add up to the floor); returns them and how
+    many heavy nodes were left out (input shapes that cannot be inferred)."""
     inferred = shape_inference.infer_shapes(_fixed_batch(compiled, batch), data_prop=True)
     shapes = {}
     for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
@@ -57,7 +63,19 @@ def floor_model(compiled: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto,
     for t in inferred.graph.initializer:
         shapes[t.name] = list(t.dims)
     rng = np.random.default_rng(0)
-    nodes, inputs, initializers, outputs, missing = [], [], [], [], 0
+    chunks, missing = [], 0
+    nodes, inputs, initializers, outputs, size = [], [], [], [], 0
+
+    def close():
+        if nodes:
+            graph = helper.make_graph(list(nodes), f"floor_{len(chunks)}", list(inputs), list(outputs),
+                                      list(initializers))
+            model = helper.make_model(graph, opset_imports=list(compiled.opset_import))
+            model.ir_version = compiled.ir_version
+            chunks.append(model)
+        for part in (nodes, inputs, initializers, outputs):
+            part.clear()
+
     for index, node in enumerate(inferred.graph.node):
         if node.op_type not in HEAVY:
             continue
@@ -65,23 +83,57 @@ def floor_model(compiled: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto,
         if any(name not in shapes for name in operands):
             missing += 1
             continue
+        out_shape = shapes.get(node.output[0])
+        node_bytes = 4 * (int(np.prod(shapes[operands[0]])) + (int(np.prod(out_shape)) if out_shape else 0))
+        if nodes and size + node_bytes > CHUNK_BYTES:
+            close()
+            size = 0
+        size += node_bytes
         names = []
         for slot, name in enumerate(operands):
             fresh = f"n{index}_{slot}"
-            values = rng.standard_normal(shapes[name]).astype(np.float32)
             if slot == 0:  # the data: a graph input, so nothing is folded at session start
                 inputs.append(helper.make_tensor_value_info(fresh, onnx.TensorProto.FLOAT, shapes[name]))
             else:
-                initializers.append(numpy_helper.from_array(values, fresh))
+                initializers.append(numpy_helper.from_array(rng.standard_normal(shapes[name]).astype(np.float32),
+                                                            fresh))
             names.append(fresh)
         out = f"n{index}_out"
         nodes.append(helper.make_node(node.op_type, names, [out], name=f"floor_{index}",
                                       **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
         outputs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-    graph = helper.make_graph(nodes, "floor", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=list(compiled.opset_import))
-    model.ir_version = compiled.ir_version
-    return model, missing
+    close()
+    return chunks, missing
+
+
+_SHARED_ARENA = []
+
+
+def _shared_arena_session(model: onnx.ModelProto, threads: int):
+    """A floor graph's session on one arena that every floor graph shares (each session's own
+    arena would keep its peak: together, the one graph's memory again)."""
+    import onnxruntime as ort
+
+    import run
+
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)
+        _SHARED_ARENA.append(info)
+    options = run.ort_options(threads)
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _random_feeds(session, batch: int, cache: dict) -> dict:
+    """One random array per input shape, shared by every input of that shape."""
+    feeds = {}
+    for i in session.get_inputs():
+        shape = tuple(d if isinstance(d, int) else batch for d in i.shape)
+        if shape not in cache:
+            cache[shape] = np.random.default_rng(len(cache) + 1).standard_normal(shape).astype(np.float32)
+        feeds[i.name] = cache[shape]
+    return feeds
 
 
 def measure(name: str, batch: int, composite: str, threads: int, repeats: int) -> dict:
@@ -92,18 +144,23 @@ def measure(name: str, batch: int, composite: str, threads: int, repeats: int) -
 
     path = models.onnx_path(name, str(ROOT / ".bench" / "models"))
     compiled = lrpc.compile(path, lrpc.parse_composite(composite), verbose=False)
-    floor, missing = floor_model(compiled, batch)
+    chunks, missing = floor_model(compiled, batch)
     x = models.example_input(batch)
     plain, _ = run.ort_session(onnx.load(path).SerializeToString(), threads)
     explained, _ = run.ort_session(compiled.SerializeToString(), threads)
-    floored, _ = run.ort_session(floor.SerializeToString(), threads)
-    floor_feeds = {i.name: np.random.default_rng(1).standard_normal(
-        [d if isinstance(d, int) else batch for d in i.shape]).astype(np.float32) for i in floored.get_inputs()}
-    result = {"model": name, "batch": batch, "composite": composite, "heavy_nodes": len(floor.graph.node),
-              "missing": missing}
+    cache: dict = {}
+    floored = [_shared_arena_session(chunk, threads) for chunk in chunks]
+    floor_feeds = [_random_feeds(session, batch, cache) for session in floored]
+    result = {"model": name, "batch": batch, "composite": composite, "missing": missing,
+              "heavy_nodes": sum(len(chunk.graph.node) for chunk in chunks), "floor_graphs": len(chunks)}
+
+    def floor_run():
+        for session, feeds in zip(floored, floor_feeds):
+            session.run(None, feeds)
+
     timings = run.measure_interleaved({"plain": lambda: plain.run(None, {"input": x}),
                                        "lrpc": lambda: explained.run(None, {"input": x}),
-                                       "floor": lambda: floored.run(None, floor_feeds)}, warmup=1, repeats=repeats)
+                                       "floor": floor_run}, warmup=1, repeats=repeats)
     return {**result, **{f"{name}_ms": timing.median_ms for name, (timing, _) in timings.items()}}
 
 

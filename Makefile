@@ -12,7 +12,7 @@ SERVE_STAMP  = $(SERVE_VENV)/.installed
 # builder), whose transformers pin clashes with the main one: tests/deploy-requirements.txt
 DEPLOY_VENV  ?= .venv-deploy
 DEPLOY_STAMP  = $(DEPLOY_VENV)/.installed
-# LXT 2.1 (benchmarks/transformers.py's contender) is tested with transformers 4.52.4, the main
+# LXT 2.1 (benchmarks/transformer_scale.py's contender) is tested with transformers 4.52.4, the main
 # environment has transformers 5: benchmarks/lxt-requirements.txt
 LXT_VENV  ?= .venv-lxt
 LXT_STAMP  = $(LXT_VENV)/.installed
@@ -56,7 +56,7 @@ $(LXT_STAMP): benchmarks/lxt-requirements.txt
 	# lxt's declared dependencies (accelerate, bitsandbytes, open_clip_torch, matplotlib, zennit)
 	# are for its other modes; its efficient mode needs torch and transformers only
 	$(LXT_VENV)/bin/python -m pip install -q --no-deps lxt==2.1
-	# no CPU torchvision for this torch (benchmarks/transformers.py stubs the module LXT imports)
+	# no CPU torchvision for this torch (benchmarks/transformer_scale.py stubs the module LXT imports)
 	$(LXT_VENV)/bin/python -m pip uninstall -q -y torchvision
 	touch $(LXT_STAMP)
 
@@ -82,7 +82,7 @@ bench: $(STAMP) $(SERVE_STAMP) $(LXT_STAMP)
 	$(PY) benchmarks/startup.py --output BENCHMARKS.md
 	$(PY) benchmarks/recurrent.py --output BENCHMARKS.md
 	$(PY) benchmarks/methods.py --output BENCHMARKS.md
-	$(PY) benchmarks/transformers.py --lxt-python $(LXT_VENV)/bin/python --output BENCHMARKS.md
+	$(PY) benchmarks/transformer_scale.py --lxt-python $(LXT_VENV)/bin/python --output BENCHMARKS.md
 	$(PY) benchmarks/serve_load.py --serve-python $(SERVE_VENV)/bin/python --output BENCHMARKS.md
 
 clean:

@@ -1,4 +1,4 @@
-"""The process protocol of the side-by-side benchmarks (``methods.py``, ``transformers.py``).
+"""The process protocol of the side-by-side benchmarks (``methods.py``, ``transformer_scale.py``).
 
 Each contender runs in a fresh process of its own (its own peak memory, nothing cached
 between contenders) and answers one JSON line per command line on stdin (:func:`serve`);

@@ -2,9 +2,9 @@
 
 Run from the repository root::
 
-    python benchmarks/transformers.py --lxt-python .venv-lxt/bin/python                  # full run (~10 min, 2 cores)
-    python benchmarks/transformers.py --lxt-python .venv-lxt/bin/python --quick          # tiny models, < 1 min
-    python benchmarks/transformers.py --lxt-python .venv-lxt/bin/python --output BENCHMARKS.md
+    python benchmarks/transformer_scale.py --lxt-python .venv-lxt/bin/python                  # full run (~10 min, 2 cores)
+    python benchmarks/transformer_scale.py --lxt-python .venv-lxt/bin/python --quick          # tiny models, < 1 min
+    python benchmarks/transformer_scale.py --lxt-python .venv-lxt/bin/python --output BENCHMARKS.md
 
 Contenders, each in its own fresh process, on the same weights, token ids, mask and explained logit:
 
@@ -62,7 +62,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.realpath(__file__))
-# this file is named transformers.py: the folder it lies in must not shadow the library
+# this folder stays off sys.path (run.py and workers.py load by path): none of its modules may
+# shadow a library in either environment (LXT's venv imports transformers and lxt)
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != HERE]
 
 import argparse  # noqa: E402
@@ -974,7 +975,7 @@ def _protocol():
 
 def _run_module():
     """``benchmarks/run.py`` (machine_info, section_head, write_section), loaded by path: this
-    folder stays off ``sys.path`` (it would shadow transformers)."""
+    folder stays off ``sys.path`` (see the top of this file)."""
     import importlib.util
 
     saved = list(sys.path)
@@ -1209,7 +1210,7 @@ def main(argv=None) -> int:
     lxt_env = subprocess.run([args.lxt_python, '-c', 'from importlib import metadata as m; print(", ".join(f"{p} '
                               '{m.version(p)}" for p in ("lxt", "transformers", "torch")))'],
                              capture_output=True, text=True).stdout.strip()
-    command = 'python benchmarks/transformers.py' + (' ' + ' '.join(sys.argv[1:]) if argv is None and sys.argv[1:]
+    command = 'python benchmarks/transformer_scale.py' + (' ' + ' '.join(sys.argv[1:]) if argv is None and sys.argv[1:]
                                                        else '')
     record = {'machine': info, 'command': command, 'elapsed_s': elapsed, 'peak_all_bytes': peak_all,
               'args': vars(args), 'compiled': compiled, 'rows': rows, 'float64': f64, 'scaling': scaling,

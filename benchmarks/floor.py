@@ -3,8 +3,9 @@
 An LRP rule needs a fixed number of convolutions (or GEMMs) per layer: the forward one, the
 denominators (``z⁺``, ``z⁻``, ``z_low``, ...) and the VJPs that carry relevance back. The
 floor of a compiled file is the time of exactly those, at the same sizes, with nothing
-between them: no elementwise rule arithmetic, no layout reorders. This script builds that
-graph from the compiled file itself (every ``Conv``, ``ConvTranspose``, ``Gemm`` and
+between them: no elementwise rule arithmetic, no layout reorders. This script builds those
+graphs (consecutive ones of at most 768 MiB of tensors; each model in a fresh process) from
+the compiled file itself (every ``Conv``, ``ConvTranspose``, ``Gemm`` and
 ``MatMul`` node, each reading its own random input of the shape it sees there, weights
 replaced by random tensors of the same shape), times it in onnxruntime with the same
 session options as the compiled file, and reports lrpc's time over the floor and over plain
@@ -16,6 +17,8 @@ inference.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -172,13 +175,21 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--composites", nargs="+", default=list(COMPOSITES), choices=list(COMPOSITES))
     parser.add_argument("--output")
+    parser.add_argument("--one", nargs=3, metavar=("MODEL", "BATCH", "COMPOSITE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import run
 
+    if args.one:  # one measurement, in a process of its own (its memory gone when it ends)
+        name, batch, composite = args.one
+        print("RESULT " + json.dumps(measure(name, int(batch), composite, args.threads, args.repeats)), flush=True)
+        return 0
     rows = []
     for label in args.composites:
         for name, batch in PLAN:
-            row = measure(name, batch, COMPOSITES[label], args.threads, args.repeats)
+            done = subprocess.run([sys.executable, __file__, "--one", name, str(batch), COMPOSITES[label],
+                                   "--threads", str(args.threads), "--repeats", str(args.repeats)],
+                                  stdout=subprocess.PIPE, text=True, check=True)
+            row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
             row["label"] = label
             rows.append(row)
             print(f"{label:15s} {name:13s} batch {batch}: plain {row['plain_ms']:.0f} ms, lrpc {row['lrpc_ms']:.0f} ms, "
@@ -190,7 +201,8 @@ def main(argv=None) -> int:
         lines = [*run.section_head("The floor: the compiled file's convolutions alone", info),
                  f"- Settings: {args.threads} intra-op threads, median of {args.repeats} interleaved rounds",
                  "- Floor: every Conv, ConvTranspose, Gemm and MatMul of the compiled file, at the sizes it sees "
-                 "there, each on its own random input, in one session (`benchmarks/floor.py`); the goal is "
+                 "there, each on its own random input, in consecutive graphs of at most 768 MiB of tensors on one "
+                 "arena, each model in a process of its own (`benchmarks/floor.py`); the goal is "
                  "lrpc ≤ 1.15× the floor", "",
                  "| composite | model | batch | plain ms | floor ms | lrpc ms | lrpc/floor | lrpc/plain | floor/plain |"
                  " goal |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]

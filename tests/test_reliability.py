@@ -29,6 +29,21 @@ DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 LRPC = [sys.executable, "-m", "lrpc.cli"]
 
 
+@pytest.fixture(autouse=True)
+def _sigint_deliverable():
+    """These tests send SIGINT. A test run started in the background by a script (``make test
+    &``) inherits it ignored, and so would every lrpc they start: give this process Python's
+    own handler for the test (a child then starts with the default)."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_cli(*args, memory: int | None = None, timeout: float = 120, cwd=None, **popen) -> subprocess.CompletedProcess:
     """``lrpc ARGS`` in a fresh process, optionally under an address-space limit (bytes)."""
 

@@ -68,6 +68,7 @@ def floor_model(compiled: onnx.ModelProto, batch: int) -> tuple[list[onnx.ModelP
     rng = np.random.default_rng(0)
     chunks, missing = [], 0
     nodes, inputs, initializers, outputs, size = [], [], [], [], 0
+    weights: set[str] = set()
 
     def close():
         if nodes:
@@ -76,7 +77,7 @@ def floor_model(compiled: onnx.ModelProto, batch: int) -> tuple[list[onnx.ModelP
             model = helper.make_model(graph, opset_imports=list(compiled.opset_import))
             model.ir_version = compiled.ir_version
             chunks.append(model)
-        for part in (nodes, inputs, initializers, outputs):
+        for part in (nodes, inputs, initializers, outputs, weights):
             part.clear()
 
     for index, node in enumerate(inferred.graph.node):
@@ -94,12 +95,16 @@ def floor_model(compiled: onnx.ModelProto, batch: int) -> tuple[list[onnx.ModelP
         size += node_bytes
         names = []
         for slot, name in enumerate(operands):
-            fresh = f"n{index}_{slot}"
             if slot == 0:  # the data: a graph input, so nothing is folded at session start
+                fresh = f"n{index}_{slot}"
                 inputs.append(helper.make_tensor_value_info(fresh, onnx.TensorProto.FLOAT, shapes[name]))
-            else:
-                initializers.append(numpy_helper.from_array(rng.standard_normal(shapes[name]).astype(np.float32),
-                                                            fresh))
+            else:  # a weight: one random tensor per shape in the graph (VGG-16's FC weights, read by
+                # every rule's term, took 10.5 GiB as a copy per node)
+                fresh = "w_" + "x".join(map(str, shapes[name]))
+                if fresh not in weights:
+                    weights.add(fresh)
+                    initializers.append(numpy_helper.from_array(
+                        rng.standard_normal(shapes[name]).astype(np.float32), fresh))
             names.append(fresh)
         out = f"n{index}_out"
         nodes.append(helper.make_node(node.op_type, names, [out], name=f"floor_{index}",
@@ -201,7 +206,7 @@ def main(argv=None) -> int:
         lines = [*run.section_head("The floor: the compiled file's convolutions alone", info),
                  f"- Settings: {args.threads} intra-op threads, median of {args.repeats} interleaved rounds",
                  "- Floor: every Conv, ConvTranspose, Gemm and MatMul of the compiled file, at the sizes it sees "
-                 "there, each on its own random input, in consecutive graphs of at most 768 MiB of tensors on one "
+                 "there, each on its own random input (weights: one random tensor per shape), in consecutive graphs of at most 768 MiB of tensors on one "
                  "arena, each model in a process of its own (`benchmarks/floor.py`); the goal is "
                  "lrpc ≤ 1.15× the floor", "",
                  "| composite | model | batch | plain ms | floor ms | lrpc ms | lrpc/floor | lrpc/plain | floor/plain |"

@@ -126,7 +126,8 @@ class LRP:
         # a compiled file on disk goes to onnxruntime by its path: parsing it here first would
         # hold its weights twice more at the peak (a GPT-2 6 x 768: 1.86 against 0.66 GiB)
         path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-        compiled_file = path is not None and "lrpc.version" in read_metadata(path)
+        metadata = read_metadata(path) if path is not None else {}
+        compiled_file = "lrpc.version" in metadata
         proto = None if compiled_file else load_model(model)
         options = dict(normalize_output_relevance=normalize_output_relevance, skip_checks=skip_checks,
                        verbose=verbose, input_name=input_name, output_name=output_name, relevance_at=tuple(relevance_at),
@@ -139,7 +140,7 @@ class LRP:
                 raise LrpcError("the model is already compiled: its rules and options are fixed; "
                                 "pass the original model to change them")
             self.source, self.composite, self.options = None, None, options
-            self._open(path if compiled_file else proto, None, providers, threads)
+            self._open(path if compiled_file else proto, None, providers, threads, metadata if compiled_file else None)
         else:
             self.source, self.composite, self.options = proto, composite, options
             self._compile_and_open({}, providers, threads)
@@ -159,9 +160,10 @@ class LRP:
                            targets=1 if concept else opts["targets"], **concept)
         self._open(model, analysis, providers, threads)
 
-    def _open(self, model, analysis, providers, threads) -> None:
+    def _open(self, model, analysis, providers, threads, metadata: dict | None = None) -> None:
         """A session of ``model``: a compiled ``ModelProto``, or the path of a compiled file
-        (read by onnxruntime; :attr:`model` parses it only when asked)."""
+        (read by onnxruntime; :attr:`model` parses it only when asked) and its ``metadata``
+        when already read."""
         from ..files import read_metadata
 
         self.analysis = analysis
@@ -170,10 +172,11 @@ class LRP:
             meta = {p.key: p.value for p in model.metadata_props}
         else:
             self._model, self._path = None, model
-            meta = read_metadata(model)
+            meta = read_metadata(model) if metadata is None else metadata
         self._session_options = (providers, threads)
         self.metadata = meta  # the file's metadata_props (lrpc.* keys)
-        self.session = make_session(model, providers=providers, threads=threads)
+        self.session = make_session(model, providers=providers, threads=threads,
+                                    metadata=None if self._path is None else meta)
         self.layout = meta.get("lrpc.layout", "flat")
         self.input_name = meta.get("lrpc.input", self.session.get_inputs()[0].name)
         self.position = int(meta["lrpc.position"]) if "lrpc.position" in meta else None

@@ -96,17 +96,18 @@ def reads_product_weights_twice(model: onnx.ModelProto, share: float = 0.5) -> b
 PACK_WEIGHTS_KEY = "lrpc.pack_weights"
 
 
-def packs_weights(model: onnx.ModelProto, metadata: dict | None = None) -> bool:
+def packs_weights(model: onnx.ModelProto) -> bool:
     """Whether a session of ``model`` should let onnxruntime pack its product weights: the
     compiled file says so (``lrpc.pack_weights``, decided when it was compiled), else decided
     from the graph."""
-    metadata = {p.key: p.value for p in model.metadata_props} if metadata is None else metadata
+    metadata = {p.key: p.value for p in model.metadata_props}
     if PACK_WEIGHTS_KEY in metadata:
         return metadata[PACK_WEIGHTS_KEY] != "false"
     return not reads_product_weights_twice(model)
 
 
-def make_session(model: onnx.ModelProto | str | Path | bytes, providers=None, threads: int | None = None):
+def make_session(model: onnx.ModelProto | str | Path | bytes, providers=None, threads: int | None = None,
+                 metadata: dict | None = None):
     """An InferenceSession with full graph optimization (folds the rule-modified weights once)
     and without onnxruntime's memory pattern (see below).
 
@@ -115,7 +116,8 @@ def make_session(model: onnx.ModelProto | str | Path | bytes, providers=None, th
     bytes on top, and onnxruntime keeps more of a model given as bytes than of one it reads
     itself (a compiled GPT-2 6 x 768: 0.97 against 0.52 GiB resident, BENCHMARKS.md). Errors
     onnxruntime raises for a path come back as one line. A ``ModelProto`` too large for one
-    protobuf message is handed over as a file with external data."""
+    protobuf message is handed over as a file with external data. ``metadata``: a path's
+    metadata when the caller has read it already."""
     import onnxruntime as ort
 
     from ..files import EXTERNAL_DATA_THRESHOLD, _weight_bytes, read_metadata, save_model
@@ -130,7 +132,7 @@ def make_session(model: onnx.ModelProto | str | Path | bytes, providers=None, th
     options.enable_mem_pattern = False
     by_path = isinstance(model, (str, os.PathLike))
     if by_path:
-        pack = read_metadata(model).get(PACK_WEIGHTS_KEY) != "false"
+        pack = (read_metadata(model) if metadata is None else metadata).get(PACK_WEIGHTS_KEY) != "false"
     else:
         pack = not isinstance(model, onnx.ModelProto) or packs_weights(model)
     if not pack:
